@@ -1,0 +1,215 @@
+"""Apply: train only the selected routed experts of fused [E, ...] expert tensors, for real.
+
+Each MoE layer with a selection keeps its fused ``gate_up_proj`` / ``down_proj`` as frozen parameters
+and gains two small trainable parameters, ``esft_gate_up_proj`` [k, 2I, H] and ``esft_down_proj``
+[k, H, I], holding the k selected experts. The experts forward routes token-expert pairs of frozen
+experts through the frozen tensors and pairs of selected experts through the small ones (one grouped
+matmul per group and projection), so gradients and optimizer state are sized to the selection, frozen
+experts get no weight-gradient work, and no per-step copy of the expert weights is made.
+``state_dict()`` still shows the model's own keys and shapes, with the trained rows in place.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import MoELayer, find_moe_layers
+from .selection import ExpertConfig
+
+TRAINED_PREFIX = "esft_"
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+def validate_expert_config(layers: list[MoELayer], config: ExpertConfig) -> None:
+    """Raise a clear error if ``config`` names a layer or expert the model does not have."""
+    by_index = {layer.index: layer for layer in layers}
+    for index, ids in config.experts.items():
+        if index not in by_index:
+            raise ValueError(
+                f"expert config names layer {index}, which is not an MoE layer of this model "
+                f"(MoE layers: {sorted(by_index)})"
+            )
+        num = by_index[index].num_experts
+        bad = [e for e in ids if not 0 <= e < num]
+        if bad:
+            raise ValueError(f"expert config, layer {index}: expert ids {bad} out of range (layer has {num} experts)")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"expert config, layer {index}: an expert is listed twice: {ids}")
+
+
+def apply_expert_config(model: nn.Module, config: ExpertConfig) -> dict[str, int]:
+    """Freeze ``model`` except the experts ``config`` selects (and shared / non-expert modules if asked).
+
+    Afterwards the parameters with ``requires_grad`` are exactly the selected experts' weights (as the
+    small ``esft_*`` tensors), plus shared experts and non-expert modules when the config says so.
+    Applying again first folds the previous selection's trained values back into the fused tensors.
+    Returns counts: trainable / total parameters and selected experts.
+    """
+    layers = find_moe_layers(model)
+    validate_expert_config(layers, config)
+    remove_expert_split(model)
+    model.requires_grad_(False)
+    for layer in layers:
+        ids = config.experts.get(layer.index, [])
+        if len(ids) == layer.num_experts and sorted(ids) == list(range(layer.num_experts)):
+            for name in PROJECTIONS:  # every expert trains: the fused tensors themselves are the trainables
+                getattr(layer.experts, name).requires_grad_(True)
+        elif ids:
+            _install_split(layer.experts, ids)
+    if config.shared_experts:
+        for layer in layers:
+            for module in layer.shared:
+                module.requires_grad_(True)
+    if config.non_expert_modules:
+        expert_params = {id(p) for layer in layers for p in layer.experts.parameters()}
+        expert_params |= {id(p) for layer in layers for m in layer.shared for p in m.parameters()}
+        for p in model.parameters():
+            if id(p) not in expert_params:
+                p.requires_grad_(True)
+    model.esft_expert_config = config
+    return trainable_summary(model)
+
+
+def trainable_summary(model: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # The model's own size: the small esft_* copies are not extra model parameters.
+    total = sum(p.numel() for n, p in model.named_parameters() if not _is_trained_copy(n))
+    config = getattr(model, "esft_expert_config", None)
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "selected_experts": config.num_selected if config is not None else 0,
+    }
+
+
+def _is_trained_copy(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith(TRAINED_PREFIX)
+
+
+def has_split(experts: nn.Module) -> bool:
+    return hasattr(experts, "esft_expert_ids")
+
+
+def _install_split(experts: nn.Module, ids: list[int]) -> None:
+    if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
+        raise ValueError(f"{type(experts).__name__}: experts with biases or without a gate are not supported")
+    device = experts.gate_up_proj.device
+    index = torch.tensor(ids, dtype=torch.long, device=device)
+    slot_of_expert = torch.full((experts.num_experts,), -1, dtype=torch.long, device=device)
+    slot_of_expert[index] = torch.arange(len(ids), device=device)
+    experts.register_buffer("esft_expert_ids", index, persistent=False)
+    experts.register_buffer("esft_slot_of_expert", slot_of_expert, persistent=False)
+    for name in PROJECTIONS:
+        full = getattr(experts, name)
+        experts.register_parameter(TRAINED_PREFIX + name, nn.Parameter(full.detach()[index].clone()))
+    experts._esft_slots = list(slot_of_expert.tolist())
+    experts._esft_hooks = [
+        experts.register_state_dict_post_hook(_state_dict_with_trained_rows),
+        experts.register_load_state_dict_pre_hook(_load_trained_rows),
+    ]
+    experts.forward = types.MethodType(split_experts_forward, experts)
+
+
+def remove_expert_split(model: nn.Module) -> None:
+    """Fold trained experts back into the fused tensors and restore the stock experts forward."""
+    for module in model.modules():
+        if not has_split(module):
+            continue
+        with torch.no_grad():
+            for name in PROJECTIONS:
+                getattr(module, name)[module.esft_expert_ids] = getattr(module, TRAINED_PREFIX + name).to(
+                    getattr(module, name).dtype
+                )
+                delattr(module, TRAINED_PREFIX + name)
+        for handle in module._esft_hooks:
+            handle.remove()
+        for attr in ("esft_expert_ids", "esft_slot_of_expert", "_esft_slots", "_esft_hooks", "forward"):
+            delattr(module, attr)
+    if hasattr(model, "esft_expert_config"):
+        del model.esft_expert_config
+
+
+def _state_dict_with_trained_rows(module: nn.Module, state_dict: dict, prefix: str, _meta: Any) -> None:
+    for name in PROJECTIONS:
+        trained = state_dict.pop(prefix + TRAINED_PREFIX + name, None)
+        if trained is None or prefix + name not in state_dict:
+            continue
+        merged = state_dict[prefix + name].detach().clone()
+        merged[module.esft_expert_ids.to(merged.device)] = trained.detach().to(merged.device, merged.dtype)
+        state_dict[prefix + name] = merged
+
+
+def _load_trained_rows(module: nn.Module, state_dict: dict, prefix: str, *_args: Any) -> None:
+    # A full state dict (the model's own keys) also fills the small trainable copies.
+    for name in PROJECTIONS:
+        full, trained = prefix + name, prefix + TRAINED_PREFIX + name
+        if full in state_dict and trained not in state_dict:
+            state_dict[trained] = state_dict[full][module.esft_expert_ids.to(state_dict[full].device)]
+
+
+def split_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Experts forward with frozen and trained experts in separate tensors (same math as the stock one)."""
+    if getattr(self.config, "_experts_implementation", None) == "eager":
+        return _split_eager(self, hidden_states, top_k_index, top_k_weights)
+    return _split_grouped(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _split_grouped(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    num_experts, num_slots = self.num_experts, self.esft_expert_ids.numel()
+    top_k = top_k_index.shape[-1]
+    expert_ids = top_k_index.reshape(-1)
+    slots = self.esft_slot_of_expert[expert_ids]
+    # One sort puts frozen pairs first (grouped by expert), then trained pairs (grouped by slot).
+    group = torch.where(slots >= 0, num_experts + slots, expert_ids)
+    group, order = torch.sort(group)
+    counts = torch.bincount(group, minlength=num_experts + num_slots)
+    num_frozen = int(counts[:num_experts].sum())
+    token_of_pair = order // top_k
+    weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    out = torch.zeros_like(hidden_states)
+    parts = (
+        (slice(0, num_frozen), counts[:num_experts], self.gate_up_proj, self.down_proj),
+        (slice(num_frozen, None), counts[num_experts:], self.esft_gate_up_proj, self.esft_down_proj),
+    )
+    for rows, group_counts, gate_up, down in parts:
+        tokens = token_of_pair[rows]
+        if tokens.numel() == 0:
+            continue
+        offsets = torch.cumsum(group_counts, dim=0, dtype=torch.int32)
+        x = hidden_states[tokens].to(gate_up.dtype)
+        h = self._apply_gate(_grouped_mm(x, gate_up.transpose(-2, -1), offsets))
+        y = _grouped_mm(h, down.transpose(-2, -1), offsets) * weights[rows]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm(x, w, offs=offsets)
+    return torch._grouped_mm(x, w, offs=offsets)
+
+
+def _split_eager(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    out = torch.zeros_like(hidden_states)
+    for expert in torch.unique(top_k_index).tolist():
+        token_idx, k_pos = torch.where(top_k_index == expert)
+        slot = self._esft_slots[expert]
+        if slot >= 0:
+            gate_up, down = self.esft_gate_up_proj[slot], self.esft_down_proj[slot]
+        else:
+            gate_up, down = self.gate_up_proj[expert], self.down_proj[expert]
+        h = self._apply_gate(F.linear(hidden_states[token_idx], gate_up))
+        y = F.linear(h, down) * top_k_weights[token_idx, k_pos, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out

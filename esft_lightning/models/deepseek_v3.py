@@ -1,0 +1,16 @@
+"""DeepSeek-V3 (and Kimi/Moonlight-style) MoE: sigmoid router with group-limited top-k, shared experts."""
+
+from .base import MoEFamily
+
+FAMILY = MoEFamily(
+    model_type="deepseek_v3",
+    scoring="sigmoid",
+    shared_expert_attrs=("shared_experts",),
+    tiny_config=dict(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, norm_topk_prob=True,
+        routed_scaling_factor=1.0, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=512, rope_interleave=True,
+    ),
+)
