@@ -1,0 +1,148 @@
+"""ExpertSelectionCallback: profile routing on the task data when fit starts, select experts, freeze the rest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from esft_lightning.adapters import save_adapter
+from esft_lightning.experts import apply_expert_config, trainable_summary
+from esft_lightning.models import find_moe_layers
+from esft_lightning.plots import routing_heatmap
+from esft_lightning.routing import RoutingProfile, profile_routing
+from esft_lightning.selection import ExpertConfig, all_experts, no_experts, random_experts, select_experts
+
+ScoreFunction = Literal["token", "gate", "all", "random", "none"]
+
+
+class ExpertSelectionCallback(L.Callback):
+    """Decides which experts train, before the optimizer is built.
+
+    Args:
+        score_function: ``token`` (ESFT-Token), ``gate`` (ESFT-Gate), or a baseline: ``all`` (every
+            routed expert: full fine-tuning of the experts), ``random`` (as many experts per layer as
+            ESFT-Token picks, drawn at random: the paper's ablation), ``none`` (routed experts frozen).
+        top_p: cumulative score each layer's selection must reach (paper: 0.2 token, 0.1 gate).
+        max_tokens: non-padding task tokens to profile (paper: 2^17).
+        expert_config: an existing ``expert_cfg.json``: applied as is, no profiling.
+        shared_experts: also train shared experts.
+        non_expert_modules: also train attention, norms, routers, embeddings and the LM head.
+        profile_batch_size: batch size for profiling (default: the datamodule's).
+        seed: seed of the ``random`` baseline.
+        save_adapter: write the trained experts as an adapter to ``<log_dir>/adapter`` when fit ends.
+        plot: write a routing heatmap PNG to the log dir (and to the logger, if it takes images).
+    """
+
+    def __init__(
+        self,
+        score_function: ScoreFunction = "token",
+        top_p: float = 0.2,
+        max_tokens: int | None = 131072,
+        expert_config: str | None = None,
+        shared_experts: bool = False,
+        non_expert_modules: bool = False,
+        profile_batch_size: int | None = None,
+        seed: int = 0,
+        save_adapter: bool = True,
+        plot: bool = True,
+    ) -> None:
+        if score_function not in ("token", "gate", "all", "random", "none"):
+            raise ValueError(f"score_function must be token, gate, all, random or none, got {score_function!r}")
+        self.score_function, self.top_p, self.max_tokens = score_function, top_p, max_tokens
+        self.expert_config_path, self.profile_batch_size, self.seed = expert_config, profile_batch_size, seed
+        self.flags = {"shared_experts": shared_experts, "non_expert_modules": non_expert_modules}
+        self.write_adapter, self.plot = save_adapter, plot
+        self.profile: RoutingProfile | None = None
+        self.config: ExpertConfig | None = None
+        self.resume_ckpt: str | None = None  # set by `esft fit --ckpt_path`: reuse that run's selection
+
+    # -- deciding ------------------------------------------------------------------------------------
+    def select(self, model: torch.nn.Module, task_batches: Any) -> ExpertConfig:
+        """Profile (when the score function needs it) and select; usable without a Trainer."""
+        if self.expert_config_path:
+            return ExpertConfig.load(self.expert_config_path)
+        num_experts = {layer.index: layer.num_experts for layer in find_moe_layers(model)}
+        meta = {"score_function": self.score_function, "model_type": model.config.model_type}
+        if self.score_function == "all":
+            return all_experts(num_experts, **self.flags, meta=meta)
+        if self.score_function == "none":
+            return no_experts(num_experts, **self.flags, meta=meta)
+        self.profile = profile_routing(model, task_batches, max_tokens=self.max_tokens)
+        kind = "gate" if self.score_function == "gate" else "token"
+        meta["num_tokens"] = self.profile.num_tokens
+        config = select_experts(self.profile.scores(kind), self.top_p, **self.flags, meta=meta)
+        if self.score_function == "random":
+            config = random_experts(config, num_experts, seed=self.seed)
+        return config
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        model = pl_module.build_model()
+        resumed = _checkpoint_selection(self.resume_ckpt)
+        if resumed is not None:
+            if self.expert_config_path and ExpertConfig.load(self.expert_config_path).experts != resumed.experts:
+                raise ValueError(f"{self.expert_config_path} differs from the selection of the checkpoint being resumed")
+            config = resumed
+            rank_zero_info("ESFT: resuming with the checkpoint's expert selection (no profiling)")
+        else:
+            dm = trainer.datamodule
+            batches = None
+            if self.score_function in ("token", "gate", "random") and not self.expert_config_path:
+                if dm is None or not hasattr(dm, "task_dataloader"):
+                    raise ValueError("ExpertSelectionCallback needs a datamodule with task_dataloader() to profile")
+                dm.setup("fit")
+                batches = dm.task_dataloader(self.profile_batch_size)
+            config = self.select(model, batches)
+        summary = apply_expert_config(model, config)
+        self.config = config
+        self._report(trainer, pl_module, config, summary)
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, config: ExpertConfig, summary: dict) -> None:
+        share = summary["trainable_params"] / max(summary["total_params"], 1)
+        rank_zero_info(
+            f"ESFT: {summary['selected_experts']} experts selected in {len(config.experts)} layers; "
+            f"{summary['trainable_params']:,} of {summary['total_params']:,} parameters trainable ({share:.2%})"
+        )
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(
+                {"esft/selected_experts": summary["selected_experts"], "esft/trainable_params": summary["trainable_params"],
+                 "esft/trainable_share": share}, step=0,
+            )
+        if not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        log_dir = Path(trainer.log_dir)
+        config.save(log_dir / "expert_cfg.json")
+        if self.profile is not None:
+            (log_dir / "expert_scores.json").write_text(json.dumps(self.profile.to_dict(), indent=1))
+            if self.plot:
+                kind = "gate" if self.score_function == "gate" else "token"
+                fig = routing_heatmap(self.profile.scores(kind), config, log_dir / "routing_heatmap.png",
+                                      title=f"ESFT-{kind.capitalize()} scores, top_p={self.top_p}")
+                _log_figure(trainer, fig)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.write_adapter and trainer.log_dir is not None:
+            path = save_adapter(pl_module.model, Path(trainer.log_dir) / "adapter")
+            rank_zero_info(f"ESFT: adapter written to {path}")
+
+
+def _checkpoint_selection(ckpt_path: str | None) -> ExpertConfig | None:
+    if not ckpt_path or not Path(ckpt_path).exists():
+        return None
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    saved = (checkpoint.get("esft") or {}).get("expert_config")
+    return None if saved is None else ExpertConfig.from_dict(saved, source=str(ckpt_path))
+
+
+def _log_figure(trainer: L.Trainer, fig: Any) -> None:
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key="esft/routing_heatmap", images=[fig])
+        elif hasattr(getattr(logger, "experiment", None), "add_figure"):
+            logger.experiment.add_figure("esft/routing_heatmap", fig, global_step=0)

@@ -1,0 +1,105 @@
+"""The `esft` command: LightningCLI (fit / validate / test) plus `profile`, `select` and `merge`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .data import ESFTDataModule
+from .module import ESFTModule
+
+TOOLS = ("profile", "select", "merge")
+
+
+class ESFTCLI(LightningCLI):
+    """LightningCLI over ESFTModule / ESFTDataModule; resumes reuse the checkpoint's expert selection."""
+
+    def before_fit(self) -> None:
+        from .callbacks import ExpertSelectionCallback
+
+        ckpt = self.config.get("fit", self.config).get("ckpt_path")
+        resolved = resolve_ckpt_path(self.trainer, ckpt) if ckpt else None
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, ExpertSelectionCallback):
+                cb.resume_ckpt = resolved
+
+
+def resolve_ckpt_path(trainer, ckpt: str) -> str | None:
+    """Where `--ckpt_path` points ('last' looks in every ModelCheckpoint's dirpath), or None."""
+    if ckpt != "last":
+        return ckpt if Path(ckpt).exists() else None
+    candidates = [
+        Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+        for cb in trainer.callbacks
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath
+    ]
+    found = [p for p in candidates if p.exists()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def make_cli(args: list[str] | None = None, run: bool = True) -> ESFTCLI:
+    return ESFTCLI(
+        ESFTModule,
+        ESFTDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+def _tool_main(command: str, argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog=f"esft {command}")
+    if command == "merge":
+        parser.add_argument("--base", required=True, help="base model directory (save_pretrained layout)")
+        parser.add_argument("--adapter", required=True, help="adapter directory (expert_cfg.json + safetensors)")
+        parser.add_argument("--out", required=True, help="output directory for the merged model")
+        parser.add_argument("--trust_remote_code", action="store_true")
+        ns = parser.parse_args(argv)
+        from .adapters import merge_adapter
+
+        print(f"merged model written to {merge_adapter(ns.base, ns.adapter, ns.out, ns.trust_remote_code)}")
+        return
+    parser.add_argument("--out", required=True, help="output file (scores JSON for profile, expert_cfg.json for select)")
+    parser.add_argument("--score_function", choices=["token", "gate"], default="token")
+    parser.add_argument("--top_p", type=float, default=None, help="default: 0.2 token, 0.1 gate")
+    parser.add_argument("--max_tokens", type=int, default=131072)
+    parser.add_argument("--shared_experts", action="store_true")
+    parser.add_argument("--non_expert_modules", action="store_true")
+    ns, rest = parser.parse_known_args(argv)
+    cli = make_cli(rest, run=False)
+    from .routing import profile_routing
+    from .selection import select_experts
+
+    model = cli.model.build_model()
+    cli.datamodule.tokenizer = cli.model.tokenizer
+    profile = profile_routing(model, cli.datamodule.task_dataloader(), max_tokens=ns.max_tokens)
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if command == "profile":
+        out.write_text(json.dumps(profile.to_dict(), indent=1))
+        print(f"scores of {len(profile.token_scores)} layers over {profile.num_tokens} tokens written to {out}")
+        return
+    top_p = ns.top_p if ns.top_p is not None else (0.2 if ns.score_function == "token" else 0.1)
+    meta = {"score_function": ns.score_function, "num_tokens": profile.num_tokens, "model_type": model.config.model_type}
+    config = select_experts(profile.scores(ns.score_function), top_p, shared_experts=ns.shared_experts,
+                            non_expert_modules=ns.non_expert_modules, meta=meta)
+    config.save(out)
+    print(f"{config.num_selected} experts in {len(config.experts)} layers selected; config written to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        _tool_main(args[0], args[1:])
+    else:
+        make_cli(argv)
+
+
+if __name__ == "__main__":
+    main()

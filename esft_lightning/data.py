@@ -1,0 +1,246 @@
+"""ESFTDataModule: task mixtures plus general-data mixing, packed or padded, with per-source validation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .sources import IGNORE_INDEX, Source, tokenize_messages, tokenize_source
+
+__all__ = ["ESFTDataModule", "Source", "tokenize_messages", "pack_sequences", "mixture_counts"]
+
+
+class SequenceDataset(Dataset):
+    """Fixed list of (input_ids, labels) token sequences."""
+
+    def __init__(self, sequences: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, labels = self.sequences[i]
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+
+
+def _columns(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat token and label arrays plus per-sample offsets, straight from Arrow (no Python lists)."""
+    ids = ds.data.column("input_ids").combine_chunks()
+    labels = ds.data.column("labels").combine_chunks()
+    offsets = ids.offsets.to_numpy()
+    return ids.values.to_numpy().astype(np.int64), labels.values.to_numpy().astype(np.int64), offsets
+
+
+def pack_sequences(
+    ds, indices: np.ndarray, seq_length: int, packing: str, rng: np.random.Generator, random_concat_ratio: float
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Samples ``indices`` of ``ds`` -> sequences of at most ``seq_length``; returns (sequences, truncated).
+
+    ``pack``: samples concatenated in order and cut into full ``seq_length`` chunks (the tail is dropped
+    unless it is the only chunk). ``pad``: one sample per sequence (longer ones truncated), and with
+    probability ``random_concat_ratio`` a sequence takes further random samples while they fit (the
+    reference's random concatenation).
+    """
+    ids, labels, offsets = _columns(ds)
+    if packing == "pack":
+        sel = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in indices]) if len(indices) else []
+        stream_ids, stream_labels = ids[sel], labels[sel]
+        n = max(1, len(stream_ids) // seq_length)
+        return [
+            (stream_ids[j * seq_length : (j + 1) * seq_length], stream_labels[j * seq_length : (j + 1) * seq_length])
+            for j in range(n)
+            if len(stream_ids[j * seq_length : (j + 1) * seq_length]) > 1
+        ], 0
+    if packing != "pad":
+        raise ValueError(f"packing must be 'pack' or 'pad', got {packing!r}")
+    sequences, truncated = [], 0
+    for i in indices:
+        parts = [(ids[offsets[i] : offsets[i + 1]], labels[offsets[i] : offsets[i + 1]])]
+        length = len(parts[0][0])
+        if random_concat_ratio > 0 and rng.random() < random_concat_ratio:
+            while True:
+                j = int(rng.choice(indices))
+                extra = offsets[j + 1] - offsets[j]
+                if length + extra > seq_length:
+                    break
+                parts.append((ids[offsets[j] : offsets[j + 1]], labels[offsets[j] : offsets[j + 1]]))
+                length += extra
+        seq_ids, seq_labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        if len(seq_ids) > seq_length:
+            truncated += 1
+            seq_ids, seq_labels = seq_ids[:seq_length], seq_labels[:seq_length]
+        sequences.append((seq_ids, seq_labels))
+    return sequences, truncated
+
+
+def mixture_counts(weights: list[float], total: int) -> list[int]:
+    """Split ``total`` draws in proportion to ``weights`` (largest remainders; sums exactly to total)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) == 0 or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"mixture weights must be non-negative and sum to a positive number, got {weights}")
+    exact = w / w.sum() * total
+    counts = np.floor(exact).astype(int)
+    for j in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
+        counts[j] += 1
+    return counts.tolist()
+
+
+class ESFTDataModule(L.LightningDataModule):
+    """Task sources mixed by weight, plus general data at ``general_ratio`` : 1 to the task data.
+
+    Every source is tokenized once (cached), split into train / validation with ``seed``, and packed
+    to ``seq_length``. An epoch draws ``num_train_sequences`` sequences (default: all task sequences
+    plus their general share), split among sources by their weights, deterministically from ``seed``.
+    Validation has one dataloader per source, so loss is logged per task and for general data.
+    """
+
+    def __init__(
+        self,
+        task: list[Source],
+        general: list[Source] | None = None,
+        general_ratio: float = 1.0,
+        seq_length: int = 512,
+        batch_size: int = 4,
+        packing: str = "pack",
+        random_concat_ratio: float = 0.0,
+        val_fraction: float = 0.05,
+        max_val_sequences: int = 64,
+        num_train_sequences: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        tokenizer: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not task:
+            raise ValueError("ESFTDataModule needs at least one task source")
+        if general_ratio < 0:
+            raise ValueError(f"general_ratio must be >= 0, got {general_ratio}")
+        self.task, self.general = list(task), list(general or [])
+        self.general_ratio, self.seq_length, self.batch_size = general_ratio, seq_length, batch_size
+        self.packing, self.random_concat_ratio = packing, random_concat_ratio
+        self.val_fraction, self.max_val_sequences = val_fraction, max_val_sequences
+        self.num_train_sequences, self.seed, self.num_workers = num_train_sequences, seed, num_workers
+        self.tokenizer_path, self.cache_dir = tokenizer, cache_dir
+        self.tokenizer = None
+        self.train_sequences: dict[str, list] = {}
+        self.val_sequences: dict[str, list] = {}
+        self.train_dataset: SequenceDataset | None = None
+
+    @property
+    def sources(self) -> list[Source]:
+        return self.task + (self.general if self.general_ratio > 0 else [])
+
+    @property
+    def val_names(self) -> list[str]:
+        return [s.label for s in self.sources]
+
+    def _resolve_tokenizer(self):
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_path:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        else:
+            from .tokenizer import byte_tokenizer
+
+            self.tokenizer = byte_tokenizer()
+        return self.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_sequences:
+            return
+        tokenizer = self._resolve_tokenizer()
+        names = [s.label for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data sources need distinct names (set `name`), got {names}")
+        for k, source in enumerate(self.sources):
+            rng = np.random.default_rng([self.seed, k])
+            ds = tokenize_source(source.path, tokenizer, self.cache_dir)
+            order = rng.permutation(len(ds))
+            if source.val_path:
+                val_ds, val_idx, train_idx = tokenize_source(source.val_path, tokenizer, self.cache_dir), None, order
+            else:
+                n_val = min(len(ds) - 1, max(1, math.ceil(self.val_fraction * len(ds)))) if len(ds) > 1 else 0
+                val_ds, val_idx, train_idx = ds, order[:n_val], order[n_val:]
+            if len(train_idx) == 0:
+                raise ValueError(f"data source {source.path}: no training samples left after the validation split")
+            train, truncated = pack_sequences(
+                ds, train_idx, self.seq_length, self.packing, rng, self.random_concat_ratio
+            )
+            val, _ = pack_sequences(
+                val_ds, np.arange(len(val_ds)) if val_idx is None else val_idx, self.seq_length, self.packing, rng, 0.0
+            )
+            if truncated:
+                warnings.warn(
+                    f"{source.path}: {truncated} samples longer than seq_length={self.seq_length} were truncated",
+                    stacklevel=2,
+                )
+            if not train:
+                raise ValueError(f"data source {source.path}: no training sequences after packing")
+            self.train_sequences[source.label] = train
+            self.val_sequences[source.label] = val[: self.max_val_sequences]
+        self.train_dataset = SequenceDataset(self._draw_mixture())
+
+    def _draw_mixture(self) -> list:
+        task_total = sum(len(self.train_sequences[s.label]) for s in self.task)
+        ratio = self.general_ratio if self.general else 0.0
+        total = self.num_train_sequences or int(round(task_total * (1 + ratio)))
+        weights = [s.weight / sum(t.weight for t in self.task) for s in self.task]
+        if ratio > 0:
+            gw = sum(g.weight for g in self.general)
+            weights = [w / (1 + ratio) for w in weights] + [ratio / (1 + ratio) * g.weight / gw for g in self.general]
+        rng = np.random.default_rng([self.seed, 1 << 20])
+        drawn = []
+        for source, count in zip(self.sources, mixture_counts(weights, total)):
+            pool = self.train_sequences[source.label]
+            # Without replacement while the pool lasts, then a fresh permutation (epochs of the source).
+            picks = np.concatenate([rng.permutation(len(pool)) for _ in range(math.ceil(count / len(pool)))])
+            drawn.extend(pool[j] for j in picks[:count])
+        return [drawn[j] for j in rng.permutation(len(drawn))]
+
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, collate_fn=self.collate,
+            num_workers=self.num_workers, generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(SequenceDataset(self.val_sequences[n]), shuffle=False) for n in self.val_names]
+
+    def task_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Task-only training sequences (no general data), in a fixed order: what routing profiling reads."""
+        if not self.train_sequences:
+            self.setup("fit")
+        seqs = [seq for s in self.task for seq in self.train_sequences[s.label]]
+        return self._loader(SequenceDataset(seqs), shuffle=False, batch_size=batch_size)
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Pad to the longest sequence of the batch: pad id, label -100, attention mask 0."""
+        length = max(len(x["input_ids"]) for x in items)
+        pad_id = self._resolve_tokenizer().pad_token_id or 0
+        batch = {
+            "input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
+            "labels": torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long),
+            "attention_mask": torch.zeros((len(items), length), dtype=torch.long),
+        }
+        for i, x in enumerate(items):
+            n = len(x["input_ids"])
+            batch["input_ids"][i, :n], batch["labels"][i, :n], batch["attention_mask"][i, :n] = (
+                x["input_ids"], x["labels"], 1
+            )
+        return batch
+

@@ -1,0 +1,211 @@
+"""ESFTModule: a LightningModule wrapping a Hugging Face MoE causal LM for expert-specialized fine-tuning."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from .experts import trainable_summary
+from .models import build_tiny_model, get_family
+from .selection import ExpertConfig
+from .sources import IGNORE_INDEX
+
+
+class ESFTModule(L.LightningModule):
+    """Causal-LM fine-tuning of an MoE model; which parameters train is decided by the expert selection.
+
+    Args:
+        model: local directory of a Hugging Face MoE causal LM (``from_pretrained``). When unset, a
+            randomly initialised model of ``family`` is built from ``model_config`` (the embedded default).
+        family: MoE family of the built model (``deepseek_v3``, ``deepseek_v2``, ``qwen3_moe``, ...).
+        model_config: config overrides for the built model (hidden_size, num_hidden_layers, ...).
+        tokenizer: tokenizer directory; defaults to ``model``'s, else the file-free byte tokenizer.
+        trust_remote_code: allow custom modeling code from the model directory (off by default).
+        dtype: parameter dtype when loading (``float32``, ``bfloat16``, ``auto``).
+        experts_implementation: transformers experts forward (``grouped_mm`` default, ``eager``).
+        optimizer: optimizer over the trainable parameters only (default AdamW lr 1e-5, betas
+            0.9/0.95, weight decay 0.1: the paper's ESFT recipe).
+        lr_scheduler: optional scheduler (the paper uses a constant rate).
+        router_aux_loss_coef: weight of the model's router load-balancing loss (0: off; routers are frozen).
+        save_trainable_only: Lightning checkpoints hold only trainable tensors (plus optimizer state).
+        seed: seed of the random initialisation of a built model.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        family: str = "deepseek_v3",
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        trust_remote_code: bool = False,
+        dtype: str = "float32",
+        experts_implementation: str | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        router_aux_loss_coef: float = 0.0,
+        save_trainable_only: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model_path, self.family, self.model_config = model, family, dict(model_config or {})
+        self.trust_remote_code, self.dtype_name, self.seed = trust_remote_code, dtype, seed
+        self.experts_implementation = experts_implementation
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.router_aux_loss_coef, self.save_trainable_only = router_aux_loss_coef, save_trainable_only
+        self.tokenizer = self._load_tokenizer(tokenizer)
+        self.model: nn.Module | None = None
+        self.strict_loading = False  # small checkpoints hold only the trainable tensors
+        self._step_started = 0.0
+        self.val_loss = nn.ModuleDict()
+        self.val_ppl = nn.ModuleDict()
+
+    # -- building --------------------------------------------------------------------------------
+    def _load_tokenizer(self, path: str | None):
+        source = path or (self.model_path if self.model_path and _has_tokenizer(self.model_path) else None)
+        if source:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=self.trust_remote_code)
+        from .tokenizer import byte_tokenizer
+
+        return byte_tokenizer()
+
+    def build_model(self) -> nn.Module:
+        """Build (or load) the Hugging Face model once; later calls return the same model."""
+        if self.model is not None:
+            return self.model
+        extra = {} if self.experts_implementation is None else {"experts_implementation": self.experts_implementation}
+        if self.model_path:
+            from transformers import AutoModelForCausalLM
+
+            dtype = self.dtype_name if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, trust_remote_code=self.trust_remote_code, dtype=dtype, **extra
+            )
+            get_family(model)
+        else:
+            vocab = max(len(self.tokenizer), 1)
+            model = build_tiny_model(self.family, vocab_size=self.model_config.pop("vocab_size", vocab),
+                                     seed=self.seed, **extra, **self.model_config)
+            model.to(getattr(torch, self.dtype_name) if self.dtype_name != "auto" else torch.float32)
+        if self.router_aux_loss_coef > 0:
+            model.config.router_aux_loss_coef = self.router_aux_loss_coef
+        self.model = model
+        return model
+
+    def configure_model(self) -> None:
+        self.build_model()
+
+    @property
+    def expert_config(self) -> ExpertConfig | None:
+        return getattr(self.model, "esft_expert_config", None)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+
+    def _loss(self, batch: dict[str, torch.Tensor]):
+        aux = {"output_router_logits": True} if self.router_aux_loss_coef > 0 else {}
+        out = self(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"], **aux)
+        loss = out.loss
+        if self.router_aux_loss_coef > 0 and getattr(out, "aux_loss", None) is None:
+            raise ValueError(f"{self.model.config.model_type} computes no router aux loss; set router_aux_loss_coef: 0")
+        return loss, out
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/ppl", torch.exp(loss.detach()), batch_size=size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        elapsed = max(time.perf_counter() - self._step_started, 1e-9)
+        self.log("train/tokens_per_sec", tokens / elapsed, prog_bar=True, batch_size=1)
+
+    def _val_names(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        return list(getattr(dm, "val_names", None) or ["val"])
+
+    def on_validation_epoch_start(self) -> None:
+        for name in self._val_names():
+            if name not in self.val_loss:
+                self.val_loss[name] = MeanMetric().to(self.device)
+                self.val_ppl[name] = Perplexity(ignore_index=IGNORE_INDEX).to(self.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        name = self._val_names()[dataloader_idx]
+        loss, out = self._loss(batch)
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        self.val_loss[name].update(loss.detach(), weight=tokens)
+        self.val_ppl[name].update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.log(f"val/{name}/loss", self.val_loss[name], add_dataloader_idx=False, batch_size=1)
+        self.log(f"val/{name}/ppl", self.val_ppl[name], add_dataloader_idx=False, batch_size=1)
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: the expert selection froze everything")
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # -- small checkpoints ------------------------------------------------------------------------
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        if not self.save_trainable_only or self.model is None or self.expert_config is None:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return {prefix + n: p if keep_vars else p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        config = self.expert_config
+        checkpoint["esft"] = {
+            "model_type": self.model.config.model_type,
+            "expert_config": None if config is None else config.to_dict(),
+            "trainable": sorted(n for n, p in self.named_parameters() if p.requires_grad),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("esft")
+        if saved is None:
+            return
+        model_type = self.model.config.model_type
+        if saved["model_type"] != model_type:
+            raise ValueError(f"checkpoint is for a {saved['model_type']} model, this run trains {model_type}")
+        current = self.expert_config
+        if saved["expert_config"] is not None and (
+            current is None or ExpertConfig.from_dict(saved["expert_config"]).experts != current.experts
+        ):
+            raise ValueError(
+                "checkpoint was trained with a different expert selection than this run's: resume with the "
+                "checkpoint's expert_cfg.json (ExpertSelectionCallback(expert_config=...)) or start afresh"
+            )
+        trainable = sorted(n for n, p in self.named_parameters() if p.requires_grad)
+        if self.save_trainable_only and sorted(checkpoint["state_dict"]) != trainable:
+            missing = sorted(set(trainable) - set(checkpoint["state_dict"]))[:5]
+            raise ValueError(f"checkpoint does not match this model's trainable tensors (missing e.g. {missing})")
+
+    def trainable_summary(self) -> dict[str, int]:
+        return trainable_summary(self.model)
+
+
+def _has_tokenizer(path: str) -> bool:
+    p = Path(path)
+    return any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
