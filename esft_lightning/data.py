@@ -8,7 +8,7 @@ import warnings
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .sources import IGNORE_INDEX, Source, tokenize_messages, tokenize_source
 
@@ -27,6 +27,45 @@ class SequenceDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids, labels = self.sequences[i]
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded permutation per epoch that records how far it got, so a resumed run continues mid-epoch
+    exactly where the killed one stopped (Lightning saves and restores the loader's state_dict)."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.yielded, self._skip = 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size - self._skip
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else range(self.size)
+        start, self._skip = self._skip, 0
+        self.yielded = start
+        for i in list(order)[start:]:
+            self.yielded += 1
+            yield int(i)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._skip = state["epoch"], state["yielded"] % max(self.size, 1)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position Lightning checkpoints (through its ResumableSampler)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
 
 
 def _columns(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -209,10 +248,9 @@ class ESFTDataModule(L.LightningDataModule):
         return [drawn[j] for j in rng.permutation(len(drawn))]
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, collate_fn=self.collate,
-            num_workers=self.num_workers, generator=generator,
+        return ResumableDataLoader(
+            dataset, batch_size=batch_size or self.batch_size, sampler=ResumableSampler(len(dataset), self.seed, shuffle),
+            collate_fn=self.collate, num_workers=self.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:

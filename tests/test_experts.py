@@ -1,0 +1,161 @@
+"""apply_expert_config: exact trainables, small optimizer state, frozen bits, same outputs, state_dict."""
+
+import pytest
+import torch
+
+from esft_lightning.experts import apply_expert_config, remove_expert_split
+from esft_lightning.models import build_tiny_model, find_moe_layers
+from esft_lightning.selection import ExpertConfig
+
+from .conftest import FAMILIES
+
+IMPLS = ["grouped_mm", "eager"]
+
+
+def selection(model, picks=(3, 0, 5)):
+    return ExpertConfig({layer.index: list(picks) for layer in find_moe_layers(model)})
+
+
+def batch(seed=0):
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
+    return ids
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outputs_unchanged_and_trainables_exact(family, impl):
+    model = build_tiny_model(family, experts_implementation=impl)
+    ids = batch()
+    with torch.no_grad():
+        before = model(ids).logits
+    config = selection(model)
+    summary = apply_expert_config(model, config)
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    layers = find_moe_layers(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {
+        f"model.layers.{layer.index}.mlp.experts.esft_{proj}" for layer in layers for proj in ("gate_up_proj", "down_proj")
+    }
+    assert trainable == expected
+    per_expert = layers[0].experts.gate_up_proj[0].numel() + layers[0].experts.down_proj[0].numel()
+    assert summary["trainable_params"] == per_expert * 3 * len(layers)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "esft_" not in n)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "olmoe"])
+def test_gradients_equal_full_finetuning_rows(family, impl):
+    full = build_tiny_model(family, experts_implementation=impl)
+    esft = build_tiny_model(family, experts_implementation=impl)
+    ids = batch(1)
+    full(ids, labels=ids).loss.backward()
+    config = selection(esft, picks=(6, 2))
+    apply_expert_config(esft, config)
+    esft(ids, labels=ids).loss.backward()
+    for a, b in zip(find_moe_layers(full), find_moe_layers(esft)):
+        for proj in ("gate_up_proj", "down_proj"):
+            want = getattr(a.experts, proj).grad[[6, 2]]
+            torch.testing.assert_close(getattr(b.experts, "esft_" + proj).grad, want, atol=1e-6, rtol=1e-4)
+            assert getattr(b.experts, proj).grad is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adamw_state_sized_to_selection_and_frozen_bits_unchanged(impl):
+    model = build_tiny_model("deepseek_v3", experts_implementation=impl)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    config = selection(model, picks=(1, 4))
+    apply_expert_config(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        ids = batch(step)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    state_numel = sum(t.numel() for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert state_numel == 2 * sum(p.numel() for p in params)
+    after = model.state_dict()
+    assert after.keys() == original.keys()
+    assert all(after[k].shape == original[k].shape for k in after)
+    for key in original:
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            changed = (after[key] != original[key]).flatten(1).any(dim=1).nonzero().flatten().tolist()
+            assert changed == [1, 4], key  # selected experts trained, every other expert bitwise frozen
+        else:
+            assert torch.equal(after[key], original[key]), key
+    # The fused parameters themselves are never written: only the small trainable copies move.
+    for layer in find_moe_layers(model):
+        key = f"model.layers.{layer.index}.mlp.experts.gate_up_proj"
+        assert torch.equal(layer.experts.gate_up_proj.detach(), original[key])
+
+
+def test_state_dict_round_trip_into_fresh_model():
+    trained = build_tiny_model("qwen3_moe")
+    apply_expert_config(trained, selection(trained, picks=(2,)))
+    with torch.no_grad():
+        for layer in find_moe_layers(trained):
+            layer.experts.esft_down_proj.add_(0.5)
+    fresh = build_tiny_model("qwen3_moe", seed=3)
+    fresh.load_state_dict(trained.state_dict())
+    ids = batch()
+    torch.testing.assert_close(fresh(ids).logits, trained(ids).logits, atol=1e-5, rtol=0)
+    # and a split model accepts a full state dict: the trainable copies follow the fused rows
+    other = build_tiny_model("qwen3_moe", seed=5)
+    apply_expert_config(other, selection(other, picks=(2,)))
+    other.load_state_dict(trained.state_dict())
+    torch.testing.assert_close(other(ids).logits, trained(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_flags_shared_and_non_expert_modules():
+    model = build_tiny_model("deepseek_v2")
+    apply_expert_config(model, ExpertConfig({1: [0]}, shared_experts=True))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("shared_experts" in n for n in names) and not any("self_attn" in n for n in names)
+    assert "model.layers.2.mlp.experts.esft_gate_up_proj" not in names  # layer 2 not listed
+    apply_expert_config(model, ExpertConfig({1: [0]}, non_expert_modules=True))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("self_attn" in n for n in names) and "lm_head.weight" in names
+    assert not any("shared_experts" in n for n in names)
+    assert not any(n.endswith("experts.gate_up_proj") for n in names)
+
+
+def test_reapply_and_remove_fold_trained_values():
+    model = build_tiny_model("mixtral")
+    apply_expert_config(model, ExpertConfig({0: [1]}))
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.esft_gate_up_proj.fill_(0.25)
+    apply_expert_config(model, ExpertConfig({0: [2], 1: [0]}))  # re-apply folds the first selection in
+    experts = model.model.layers[0].mlp.experts
+    assert torch.all(experts.gate_up_proj[1] == 0.25) and experts.esft_expert_ids.tolist() == [2]
+    remove_expert_split(model)
+    assert not hasattr(experts, "esft_gate_up_proj") and "forward" not in vars(experts)
+
+
+def test_all_experts_trains_fused_tensors_directly():
+    model = build_tiny_model("olmoe")
+    layers = find_moe_layers(model)
+    apply_expert_config(model, ExpertConfig({layer.index: list(range(layer.num_experts)) for layer in layers}))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {f"model.layers.{layer.index}.mlp.experts.{p}" for layer in layers for p in ("gate_up_proj", "down_proj")}
+
+
+@pytest.mark.parametrize(
+    "experts, message",
+    [({0: [1]}, "layer 0, which is not an MoE layer"), ({1: [16]}, "out of range"), ({7: [0]}, "MoE layers: \\[1, 2\\]")],
+)
+def test_bad_config_rejected(experts, message):
+    model = build_tiny_model("deepseek_v3")
+    with pytest.raises(ValueError, match=message):
+        apply_expert_config(model, ExpertConfig(experts))
+    assert all(p.requires_grad for p in model.parameters())  # nothing was touched
+
+
+def test_unknown_architecture_lists_supported():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(ValueError, match="Unsupported MoE architecture 'llama'.*deepseek_v3"):
+        apply_expert_config(model, ExpertConfig({0: [0]}))
