@@ -1,0 +1,143 @@
+"""End to end through `esft`: fit with ExpertSelectionCallback, resume, configs, profile/select, local dirs."""
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from esft_lightning import ESFTDataModule, ESFTModule, Source
+from esft_lightning.callbacks import ExpertSelectionCallback
+from esft_lightning.cli import main
+from esft_lightning.selection import ExpertConfig
+
+from .conftest import FAMILIES, REPO, chat, write_jsonl
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def quick_config(tmp_path: Path, steps: int = 6, **callback_args) -> Path:
+    """configs/quickstart.yaml shrunk to a few steps, writing under tmp_path."""
+    cfg = yaml.safe_load((REPO / "configs/quickstart.yaml").read_text())
+    root = str(tmp_path / "run")
+    cfg["trainer"].update(max_steps=steps, val_check_interval=3, limit_val_batches=1, default_root_dir=root,
+                          log_every_n_steps=1, enable_progress_bar=False)
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = root
+    select, checkpoint = cfg["trainer"]["callbacks"]
+    select["init_args"].update(max_tokens=2048, **callback_args)
+    checkpoint["init_args"].update(dirpath=f"{root}/checkpoints", every_n_train_steps=3)
+    cfg["model"]["model_config"].update(num_hidden_layers=2, n_routed_experts=16, hidden_size=64, kv_lora_rank=16,
+                                        q_lora_rank=32)
+    cfg["data"].update(seq_length=64, batch_size=2)
+    for source in cfg["data"]["task"] + cfg["data"]["general"]:
+        source["path"] = str(REPO / source["path"])
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def log_dirs(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "run" / "logs").glob("version_*"))
+
+
+def test_fit_end_to_end_writes_selection_heatmap_adapter_and_metrics(tmp_path):
+    main(["fit", "--config", str(quick_config(tmp_path))])
+    run = log_dirs(tmp_path)[-1]
+    config = ExpertConfig.load(run / "expert_cfg.json")
+    assert config.num_selected > 0 and config.meta["score_function"] == "token"
+    assert (run / "routing_heatmap.png").stat().st_size > 1000
+    adapter = load_file(str(run / "adapter" / "adapter.safetensors"))
+    assert set(adapter) == {f"model.layers.1.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")}
+    assert adapter["model.layers.1.mlp.experts.gate_up_proj"].shape[0] == len(config.experts[1])
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    columns = set(rows[0])
+    assert {"train/loss", "val/intent/loss", "val/general/loss", "val/intent/ppl", "train/tokens_per_sec"} <= columns
+    assert any(r["val/general/loss"] for r in rows) and any(r["esft/trainable_params"] for r in rows)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    main(["fit", "--config", str(quick_config(tmp_path / "a", steps=6))])
+    uninterrupted = load_file(str(log_dirs(tmp_path / "a")[-1] / "adapter" / "adapter.safetensors"))
+    cfg = quick_config(tmp_path / "b", steps=4)  # stops after step 4; last checkpoint: step 3
+    main(["fit", "--config", str(cfg)])
+    ckpt = tmp_path / "b/run/checkpoints/last.ckpt"
+    (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    resumed = load_file(str(log_dirs(tmp_path / "b")[-1] / "adapter" / "adapter.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=0)
+    small = torch.load(ckpt, weights_only=False)
+    assert all("esft_" in k for k in small["state_dict"])  # only trainable tensors are checkpointed
+
+
+def test_resume_with_other_selection_is_refused(tmp_path):
+    cfg = quick_config(tmp_path, steps=3)
+    main(["fit", "--config", str(cfg)])
+    other = tmp_path / "other.json"
+    ExpertConfig({1: [0, 1, 2, 3, 4]}).save(other)
+    cfg2 = quick_config(tmp_path, steps=6, expert_config=str(other))
+    with pytest.raises(ValueError, match="differs from the selection of the checkpoint"):
+        main(["fit", "--config", str(cfg2), "--ckpt_path", "last"])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses_and_print_config_round_trips(config, tmp_path, capsys):
+    args = ["fit", "--config", str(config)]
+    if config.name == "fsdp.yaml":
+        args = ["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--config", str(config)]
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--print_config"])
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(printed)
+
+
+def test_profile_and_select_commands(tmp_path):
+    cfg = quick_config(tmp_path)
+    main(["select", "--out", str(tmp_path / "cfg.json"), "--max_tokens", "1024", "--config", str(cfg)])
+    config = ExpertConfig.load(tmp_path / "cfg.json")
+    assert config.experts and config.meta["top_p"] == 0.2
+    main(["profile", "--out", str(tmp_path / "scores.json"), "--max_tokens", "1024", "--config", str(cfg)])
+    import json
+
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert abs(sum(scores["token_scores"]["1"].values()) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_trains_one_step_in_lightning(family, tmp_path):
+    data = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
+    module = ESFTModule(family=family, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0,
+                        callbacks=[ExpertSelectionCallback(max_tokens=256, save_adapter=False, plot=False)])
+    trainer.fit(module, dm)
+    trained = [p for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trained and all("esft_" in n for n, p in module.model.named_parameters() if p.requires_grad)
+    assert trainer.global_step == 1
+    opt = trainer.optimizers[0]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in trained}
+
+
+def test_model_from_local_directory(tmp_path):
+    from esft_lightning.models import build_tiny_model
+    from esft_lightning.tokenizer import byte_tokenizer
+
+    model = build_tiny_model("qwen2_moe")
+    model.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    module = ESFTModule(model=str(tmp_path / "m"))
+    loaded = module.build_model()
+    ids = torch.randint(0, 256, (1, 8))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert module.tokenizer.encode("hi", add_special_tokens=False) == [104, 105]
+    assert not loaded.config.to_dict().get("auto_map")

@@ -1,0 +1,120 @@
+"""Chat template and label masking, bad data errors, mixtures, caching, packing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from esft_lightning.data import ESFTDataModule, Source, mixture_counts, tokenize_messages
+from esft_lightning.sources import IGNORE_INDEX, tokenize_source
+from esft_lightning.tokenizer import byte_tokenizer
+
+from .conftest import chat, write_jsonl
+
+
+def test_template_and_label_masking():
+    tok = byte_tokenizer()
+    messages = [
+        {"role": "user", "content": "  What is 2+2? "},
+        {"role": "assistant", "content": "4", "mask": 1},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": " 6 "},
+    ]
+    ids, labels = tokenize_messages(messages, tok)
+    text = tok.decode(ids)
+    assert text == "<bos>User: What is 2+2?\n\nAssistant: 4<eos>User: And 3+3?\n\nAssistant: 6<eos>"
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+    assert trained == " 6<eos>"  # user turns and the masked reply never reach the loss
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels))
+
+
+def test_bad_records_name_file_and_line(tmp_path):
+    tok = byte_tokenizer()
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(json.dumps(chat("a", "b")) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
+        tokenize_source(bad_json, tok, tmp_path / "c")
+    bad_role = write_jsonl(tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "system", "content": "x"}]}])
+    with pytest.raises(ValueError, match=r"role\.jsonl:2: message 0 has unknown role 'system'"):
+        tokenize_source(bad_role, tok, tmp_path / "c")
+    no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"prompt": "x"}])
+    with pytest.raises(ValueError, match=r"nofield\.jsonl:1: record needs 'messages'"):
+        tokenize_source(no_field, tok, tmp_path / "c")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no records"):
+        tokenize_source(empty, tok, tmp_path / "c")
+    assert not list((tmp_path / "c").glob("*.arrow"))  # nothing half-written into the cache
+
+
+def test_tokenization_is_cached_and_reused(tmp_path, monkeypatch):
+    import datasets
+
+    path = write_jsonl(tmp_path / "t.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
+    first = tokenize_source(path, byte_tokenizer(), tmp_path / "cache")
+    monkeypatch.setattr(datasets.Dataset, "map", lambda *a, **k: pytest.fail("re-tokenized despite the cache"))
+    second = tokenize_source(path, byte_tokenizer(), tmp_path / "cache")
+    assert second["input_ids"] == first["input_ids"]
+    path.write_text(path.read_text() + json.dumps(chat("new", "row")) + "\n")  # content change: cache miss
+    with pytest.raises(pytest.fail.Exception):
+        tokenize_source(path, byte_tokenizer(), tmp_path / "cache")
+
+
+def test_mixture_counts():
+    assert mixture_counts([1, 1, 2], 8) == [2, 2, 4]
+    assert sum(mixture_counts([0.3, 0.7], 11)) == 11
+    for bad in ([0, 0], [-1, 2], []):
+        with pytest.raises(ValueError, match="sum to a positive"):
+            mixture_counts(bad, 4)
+
+
+def test_mixture_proportions_follow_weights(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [chat("A" * 40, "a" * 40) for _ in range(200)])
+    b = write_jsonl(tmp_path / "b.jsonl", [chat("B" * 40, "b" * 40) for _ in range(200)])
+    g = write_jsonl(tmp_path / "g.jsonl", [{"text": "G" * 90} for _ in range(200)])
+    dm = ESFTDataModule(task=[Source(str(a), weight=3), Source(str(b), weight=1)], general=[Source(str(g))],
+                        general_ratio=1.0, seq_length=128, packing="pad", num_train_sequences=400, seed=1)
+    dm.setup("fit")
+    tok = byte_tokenizer()
+    firsts = [tok.decode(ids[1:8]) for ids, _ in dm.train_dataset.sequences]
+    share = {k: sum(f.startswith(p) for f in firsts) / len(firsts) for k, p in (("a", "User: A"), ("b", "User: B"), ("g", "GGGGG"))}
+    assert share == pytest.approx({"a": 0.375, "b": 0.125, "g": 0.5}, abs=0.01)
+    assert dm.val_names == ["a", "b", "g"] and len(dm.val_dataloader()) == 3
+    task_batches = list(dm.task_dataloader())  # profiling data: task sources only
+    assert task_batches and all("G" not in tok.decode(b["input_ids"][0][:8]) for b in task_batches)
+    again = ESFTDataModule(task=[Source(str(a), weight=3), Source(str(b), weight=1)], general=[Source(str(g))],
+                           seq_length=128, packing="pad", num_train_sequences=400, seed=1)
+    again.setup("fit")
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(dm.train_dataset.sequences, again.train_dataset.sequences))
+
+
+def test_packing_and_truncation(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("x" * 30, "y" * 30) for _ in range(50)])
+    dm = ESFTDataModule(task=[Source(str(path))], seq_length=32, packing="pack", val_fraction=0.1)
+    dm.setup("fit")
+    assert all(len(ids) == 32 for ids, _ in dm.train_dataset.sequences)
+    padded = ESFTDataModule(task=[Source(str(path))], seq_length=32, packing="pad")
+    with pytest.warns(UserWarning, match="truncated"):
+        padded.setup("fit")
+    batch = next(iter(padded.train_dataloader()))
+    assert batch["input_ids"].shape[1] == 32 and batch["attention_mask"].all()
+
+
+def test_resumable_sampler_continues_mid_epoch():
+    from esft_lightning.data import ResumableSampler
+
+    s = ResumableSampler(10, seed=3)
+    s.set_epoch(2)
+    it = iter(s)
+    head = [next(it) for _ in range(4)]
+    state = s.state_dict()
+    rest = list(it)
+    resumed = ResumableSampler(10, seed=3)
+    resumed.load_state_dict(state)
+    assert list(resumed) == rest and sorted(head + rest) == list(range(10))
+
+
+def test_esft_intent_train_set_tokenizes(esft_data, tmp_path):
+    dm = ESFTDataModule(task=[Source(str(esft_data / "train/intent.jsonl"))], seq_length=512, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    assert len(dm.train_dataset) > 1000
