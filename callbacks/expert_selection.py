@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from esft_lightning.adapters import save_adapter
-from esft_lightning.experts import apply_expert_config, trainable_summary
+from esft_lightning.experts import apply_expert_config
 from esft_lightning.models import find_moe_layers
 from esft_lightning.plots import routing_heatmap
 from esft_lightning.routing import RoutingProfile, profile_routing
@@ -87,7 +87,9 @@ class ExpertSelectionCallback(L.Callback):
         resumed = _checkpoint_selection(self.resume_ckpt)
         if resumed is not None:
             if self.expert_config_path and ExpertConfig.load(self.expert_config_path).experts != resumed.experts:
-                raise ValueError(f"{self.expert_config_path} differs from the selection of the checkpoint being resumed")
+                raise ValueError(
+                    f"{self.expert_config_path} differs from the selection of the checkpoint being resumed"
+                )
             config = resumed
             rank_zero_info("ESFT: resuming with the checkpoint's expert selection (no profiling)")
         else:
@@ -111,8 +113,12 @@ class ExpertSelectionCallback(L.Callback):
         )
         if trainer.logger is not None:
             trainer.logger.log_metrics(
-                {"esft/selected_experts": summary["selected_experts"], "esft/trainable_params": summary["trainable_params"],
-                 "esft/trainable_share": share}, step=0,
+                {
+                    "esft/selected_experts": summary["selected_experts"],
+                    "esft/trainable_params": summary["trainable_params"],
+                    "esft/trainable_share": share,
+                },
+                step=0,
             )
         if not trainer.is_global_zero or trainer.log_dir is None:
             return
@@ -122,8 +128,12 @@ class ExpertSelectionCallback(L.Callback):
             (log_dir / "expert_scores.json").write_text(json.dumps(self.profile.to_dict(), indent=1))
             if self.plot:
                 kind = "gate" if self.score_function == "gate" else "token"
-                fig = routing_heatmap(self.profile.scores(kind), config, log_dir / "routing_heatmap.png",
-                                      title=f"ESFT-{kind.capitalize()} scores, top_p={self.top_p}")
+                fig = routing_heatmap(
+                    self.profile.scores(kind),
+                    config,
+                    log_dir / "routing_heatmap.png",
+                    title=f"ESFT-{kind.capitalize()} scores, top_p={self.top_p}",
+                )
                 _log_figure(trainer, fig)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -69,7 +69,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "esft-lightning", "model_type": model.config.model_type})
+        save_file(
+            tensors,
+            str(tmp / WEIGHTS_FILE),
+            metadata={"format": "esft-lightning", "model_type": model.config.model_type},
+        )
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             os.replace(path, old)
@@ -114,7 +118,9 @@ def _fuse_released_layout(tensors: dict[str, torch.Tensor], config: ExpertConfig
         layer = int(re.search(r"layers\.(\d+)\.", prefix)[1])
         ids = config.experts.get(layer, [])
         if sorted(experts) != sorted(ids):
-            raise ValueError(f"adapter layer {layer}: tensors for experts {sorted(experts)}, but {CONFIG_FILE} lists {ids}")
+            raise ValueError(
+                f"adapter layer {layer}: tensors for experts {sorted(experts)}, but {CONFIG_FILE} lists {ids}"
+            )
         for e in ids:
             if set(experts[e]) != {"gate", "up", "down"}:
                 raise ValueError(f"adapter layer {layer} expert {e}: needs gate_proj, up_proj and down_proj weights")

@@ -65,7 +65,9 @@ def _tool_main(command: str, argv: list[str]) -> None:
 
         print(f"merged model written to {merge_adapter(ns.base, ns.adapter, ns.out, ns.trust_remote_code)}")
         return
-    parser.add_argument("--out", required=True, help="output file (scores JSON for profile, expert_cfg.json for select)")
+    parser.add_argument(
+        "--out", required=True, help="output file (scores JSON for profile, expert_cfg.json for select)"
+    )
     parser.add_argument("--score_function", choices=["token", "gate"], default="token")
     parser.add_argument("--top_p", type=float, default=None, help="default: 0.2 token, 0.1 gate")
     parser.add_argument("--max_tokens", type=int, default=131072)
@@ -86,9 +88,18 @@ def _tool_main(command: str, argv: list[str]) -> None:
         print(f"scores of {len(profile.token_scores)} layers over {profile.num_tokens} tokens written to {out}")
         return
     top_p = ns.top_p if ns.top_p is not None else (0.2 if ns.score_function == "token" else 0.1)
-    meta = {"score_function": ns.score_function, "num_tokens": profile.num_tokens, "model_type": model.config.model_type}
-    config = select_experts(profile.scores(ns.score_function), top_p, shared_experts=ns.shared_experts,
-                            non_expert_modules=ns.non_expert_modules, meta=meta)
+    meta = {
+        "score_function": ns.score_function,
+        "num_tokens": profile.num_tokens,
+        "model_type": model.config.model_type,
+    }
+    config = select_experts(
+        profile.scores(ns.score_function),
+        top_p,
+        shared_experts=ns.shared_experts,
+        non_expert_modules=ns.non_expert_modules,
+        meta=meta,
+    )
     config.save(out)
     print(f"{config.num_selected} experts in {len(config.experts)} layers selected; config written to {out}")
 

@@ -44,7 +44,9 @@ class ResumableSampler(Sampler[int]):
         return self.size - self._skip
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else range(self.size)
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else range(self.size)
+        )
         start, self._skip = self._skip, 0
         self.yielded = start
         for i in list(order)[start:]:
@@ -249,8 +251,11 @@ class ESFTDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         return ResumableDataLoader(
-            dataset, batch_size=batch_size or self.batch_size, sampler=ResumableSampler(len(dataset), self.seed, shuffle),
-            collate_fn=self.collate, num_workers=self.num_workers,
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            sampler=ResumableSampler(len(dataset), self.seed, shuffle),
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -278,7 +283,8 @@ class ESFTDataModule(L.LightningDataModule):
         for i, x in enumerate(items):
             n = len(x["input_ids"])
             batch["input_ids"][i, :n], batch["labels"][i, :n], batch["attention_mask"][i, :n] = (
-                x["input_ids"], x["labels"], 1
+                x["input_ids"],
+                x["labels"],
+                1,
             )
         return batch
-

@@ -94,8 +94,13 @@ class ESFTModule(L.LightningModule):
             get_family(model)
         else:
             vocab = max(len(self.tokenizer), 1)
-            model = build_tiny_model(self.family, vocab_size=self.model_config.pop("vocab_size", vocab),
-                                     seed=self.seed, **extra, **self.model_config)
+            model = build_tiny_model(
+                self.family,
+                vocab_size=self.model_config.pop("vocab_size", vocab),
+                seed=self.seed,
+                **extra,
+                **self.model_config,
+            )
             model.to(getattr(torch, self.dtype_name) if self.dtype_name != "auto" else torch.float32)
         if self.router_aux_loss_coef > 0:
             model.config.router_aux_loss_coef = self.router_aux_loss_coef
@@ -166,7 +171,10 @@ class ESFTModule(L.LightningModule):
             optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     # -- small checkpoints ------------------------------------------------------------------------
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict:

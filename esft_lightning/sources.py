@@ -142,8 +142,12 @@ def tokenize_source(
 
     tmp_file = cache_file.with_suffix(f".{os.getpid()}.tmp")
     tokenized = raw.map(
-        tokenize_batch, batched=True, batch_size=512, remove_columns=raw.column_names,
-        cache_file_name=str(tmp_file), desc=f"Tokenizing {path.name}",
+        tokenize_batch,
+        batched=True,
+        batch_size=512,
+        remove_columns=raw.column_names,
+        cache_file_name=str(tmp_file),
+        desc=f"Tokenizing {path.name}",
     )
     del tokenized
     os.replace(tmp_file, cache_file)  # atomic: an interrupted run never leaves a half-written cache

@@ -7,10 +7,10 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from esft_lightning.callbacks import ExpertSelectionCallback
 from safetensors.torch import load_file
 
 from esft_lightning import ESFTDataModule, ESFTModule, Source
-from esft_lightning.callbacks import ExpertSelectionCallback
 from esft_lightning.cli import main
 from esft_lightning.selection import ExpertConfig
 
@@ -23,14 +23,21 @@ def quick_config(tmp_path: Path, steps: int = 6, **callback_args) -> Path:
     """configs/quickstart.yaml shrunk to a few steps, writing under tmp_path."""
     cfg = yaml.safe_load((REPO / "configs/quickstart.yaml").read_text())
     root = str(tmp_path / "run")
-    cfg["trainer"].update(max_steps=steps, val_check_interval=3, limit_val_batches=1, default_root_dir=root,
-                          log_every_n_steps=1, enable_progress_bar=False)
+    cfg["trainer"].update(
+        max_steps=steps,
+        val_check_interval=3,
+        limit_val_batches=1,
+        default_root_dir=root,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+    )
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = root
     select, checkpoint = cfg["trainer"]["callbacks"]
     select["init_args"].update(max_tokens=2048, **callback_args)
     checkpoint["init_args"].update(dirpath=f"{root}/checkpoints", every_n_train_steps=3)
-    cfg["model"]["model_config"].update(num_hidden_layers=2, n_routed_experts=16, hidden_size=64, kv_lora_rank=16,
-                                        q_lora_rank=32)
+    cfg["model"]["model_config"].update(
+        num_hidden_layers=2, n_routed_experts=16, hidden_size=64, kv_lora_rank=16, q_lora_rank=32
+    )
     cfg["data"].update(seq_length=64, batch_size=2)
     for source in cfg["data"]["task"] + cfg["data"]["general"]:
         source["path"] = str(REPO / source["path"])
@@ -117,9 +124,15 @@ def test_each_family_trains_one_step_in_lightning(family, tmp_path):
     data = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
     module = ESFTModule(family=family, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0,
-                        callbacks=[ExpertSelectionCallback(max_tokens=256, save_adapter=False, plot=False)])
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[ExpertSelectionCallback(max_tokens=256, save_adapter=False, plot=False)],
+    )
     trainer.fit(module, dm)
     trained = [p for n, p in module.model.named_parameters() if p.requires_grad]
     assert trained and all("esft_" in n for n, p in module.model.named_parameters() if p.requires_grad)

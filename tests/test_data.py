@@ -34,7 +34,9 @@ def test_bad_records_name_file_and_line(tmp_path):
     bad_json.write_text(json.dumps(chat("a", "b")) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
         tokenize_source(bad_json, tok, tmp_path / "c")
-    bad_role = write_jsonl(tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "system", "content": "x"}]}])
+    bad_role = write_jsonl(
+        tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "system", "content": "x"}]}]
+    )
     with pytest.raises(ValueError, match=r"role\.jsonl:2: message 0 has unknown role 'system'"):
         tokenize_source(bad_role, tok, tmp_path / "c")
     no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"prompt": "x"}])
@@ -72,18 +74,34 @@ def test_mixture_proportions_follow_weights(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [chat("A" * 40, "a" * 40) for _ in range(200)])
     b = write_jsonl(tmp_path / "b.jsonl", [chat("B" * 40, "b" * 40) for _ in range(200)])
     g = write_jsonl(tmp_path / "g.jsonl", [{"text": "G" * 90} for _ in range(200)])
-    dm = ESFTDataModule(task=[Source(str(a), weight=3), Source(str(b), weight=1)], general=[Source(str(g))],
-                        general_ratio=1.0, seq_length=128, packing="pad", num_train_sequences=400, seed=1)
+    dm = ESFTDataModule(
+        task=[Source(str(a), weight=3), Source(str(b), weight=1)],
+        general=[Source(str(g))],
+        general_ratio=1.0,
+        seq_length=128,
+        packing="pad",
+        num_train_sequences=400,
+        seed=1,
+    )
     dm.setup("fit")
     tok = byte_tokenizer()
     firsts = [tok.decode(ids[1:8]) for ids, _ in dm.train_dataset.sequences]
-    share = {k: sum(f.startswith(p) for f in firsts) / len(firsts) for k, p in (("a", "User: A"), ("b", "User: B"), ("g", "GGGGG"))}
+    share = {
+        k: sum(f.startswith(p) for f in firsts) / len(firsts)
+        for k, p in (("a", "User: A"), ("b", "User: B"), ("g", "GGGGG"))
+    }
     assert share == pytest.approx({"a": 0.375, "b": 0.125, "g": 0.5}, abs=0.01)
     assert dm.val_names == ["a", "b", "g"] and len(dm.val_dataloader()) == 3
     task_batches = list(dm.task_dataloader())  # profiling data: task sources only
     assert task_batches and all("G" not in tok.decode(b["input_ids"][0][:8]) for b in task_batches)
-    again = ESFTDataModule(task=[Source(str(a), weight=3), Source(str(b), weight=1)], general=[Source(str(g))],
-                           seq_length=128, packing="pad", num_train_sequences=400, seed=1)
+    again = ESFTDataModule(
+        task=[Source(str(a), weight=3), Source(str(b), weight=1)],
+        general=[Source(str(g))],
+        seq_length=128,
+        packing="pad",
+        num_train_sequences=400,
+        seed=1,
+    )
     again.setup("fit")
     assert all(np.array_equal(x[0], y[0]) for x, y in zip(dm.train_dataset.sequences, again.train_dataset.sequences))
 

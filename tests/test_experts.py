@@ -36,7 +36,9 @@ def test_outputs_unchanged_and_trainables_exact(family, impl):
     layers = find_moe_layers(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {
-        f"model.layers.{layer.index}.mlp.experts.esft_{proj}" for layer in layers for proj in ("gate_up_proj", "down_proj")
+        f"model.layers.{layer.index}.mlp.experts.esft_{proj}"
+        for layer in layers
+        for proj in ("gate_up_proj", "down_proj")
     }
     assert trainable == expected
     per_expert = layers[0].experts.gate_up_proj[0].numel() + layers[0].experts.down_proj[0].numel()
@@ -138,12 +140,18 @@ def test_all_experts_trains_fused_tensors_directly():
     layers = find_moe_layers(model)
     apply_expert_config(model, ExpertConfig({layer.index: list(range(layer.num_experts)) for layer in layers}))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names == {f"model.layers.{layer.index}.mlp.experts.{p}" for layer in layers for p in ("gate_up_proj", "down_proj")}
+    assert names == {
+        f"model.layers.{layer.index}.mlp.experts.{p}" for layer in layers for p in ("gate_up_proj", "down_proj")
+    }
 
 
 @pytest.mark.parametrize(
     "experts, message",
-    [({0: [1]}, "layer 0, which is not an MoE layer"), ({1: [16]}, "out of range"), ({7: [0]}, "MoE layers: \\[1, 2\\]")],
+    [
+        ({0: [1]}, "layer 0, which is not an MoE layer"),
+        ({1: [16]}, "out of range"),
+        ({7: [0]}, "MoE layers: \\[1, 2\\]"),
+    ],
 )
 def test_bad_config_rejected(experts, message):
     model = build_tiny_model("deepseek_v3")
@@ -155,7 +163,15 @@ def test_bad_config_rejected(experts, message):
 def test_unknown_architecture_lists_supported():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=64,
+        )
+    )
     with pytest.raises(ValueError, match="Unsupported MoE architecture 'llama'.*deepseek_v3"):
         apply_expert_config(model, ExpertConfig({0: [0]}))

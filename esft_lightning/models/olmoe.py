@@ -6,8 +6,14 @@ FAMILY = MoEFamily(
     model_type="olmoe",
     scoring="softmax",
     tiny_config=dict(
-        hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, num_experts=16, num_experts_per_tok=4, norm_topk_prob=False,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=16,
+        num_experts_per_tok=4,
+        norm_topk_prob=False,
         max_position_embeddings=512,
     ),
 )
