@@ -100,7 +100,10 @@ class ExpertSelectionCallback(L.Callback):
                     raise ValueError("ExpertSelectionCallback needs a datamodule with task_dataloader() to profile")
                 dm.setup("fit")
                 batches = dm.task_dataloader(self.profile_batch_size)
+                if trainer.world_size > 1:  # each rank profiles its share; profile_routing all-reduces
+                    batches = _rank_share(batches, trainer.global_rank, trainer.world_size)
             config = self.select(model, batches)
+            _check_same_on_all_ranks(trainer, config)
         summary = apply_expert_config(model, config)
         self.config = config
         self._report(trainer, pl_module, config, summary)
@@ -120,9 +123,10 @@ class ExpertSelectionCallback(L.Callback):
                 },
                 step=0,
             )
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a collective under several processes: every rank asks
+        if not trainer.is_global_zero or log_dir is None:
             return
-        log_dir = Path(trainer.log_dir)
+        log_dir = Path(log_dir)
         config.save(log_dir / "expert_cfg.json")
         if self.profile is not None:
             (log_dir / "expert_scores.json").write_text(json.dumps(self.profile.to_dict(), indent=1))
@@ -140,6 +144,22 @@ class ExpertSelectionCallback(L.Callback):
         if self.write_adapter and trainer.log_dir is not None:
             path = save_adapter(pl_module.model, Path(trainer.log_dir) / "adapter")
             rank_zero_info(f"ESFT: adapter written to {path}")
+
+
+def _rank_share(batches: Any, rank: int, world_size: int):
+    for i, batch in enumerate(batches):
+        if i % world_size == rank:
+            yield batch
+
+
+def _check_same_on_all_ranks(trainer: L.Trainer, config: ExpertConfig) -> None:
+    if trainer.world_size <= 1:
+        return
+    gathered: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, config.experts)
+    if any(g != config.experts for g in gathered):
+        raise RuntimeError(f"ranks selected different experts: {gathered}")
+    rank_zero_info(f"ESFT: the same {config.num_selected} experts selected on all {trainer.world_size} ranks")
 
 
 def _checkpoint_selection(ckpt_path: str | None) -> ExpertConfig | None:

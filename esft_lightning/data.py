@@ -31,7 +31,11 @@ class SequenceDataset(Dataset):
 
 class ResumableSampler(Sampler[int]):
     """A seeded permutation per epoch that records how far it got, so a resumed run continues mid-epoch
-    exactly where the killed one stopped (Lightning saves and restores the loader's state_dict)."""
+    exactly where the killed one stopped (Lightning saves and restores the loader's state_dict).
+
+    Under torch.distributed each rank takes every world_size-th index of the same permutation (set the
+    trainer's ``use_distributed_sampler: false``, as configs/fsdp.yaml does, so this sampler is kept).
+    """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
         self.size, self.seed, self.shuffle = size, seed, shuffle
@@ -40,16 +44,23 @@ class ResumableSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _indices(self) -> list[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else None
+        indices = list(range(self.size)) if order is None else order.tolist()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            per_rank = math.ceil(self.size / world)
+            indices = (indices * 2)[: per_rank * world][rank::world]  # wrap so every rank gets as many
+        return indices
+
     def __len__(self) -> int:
-        return self.size - self._skip
+        return len(self._indices()) - self._skip
 
     def __iter__(self):
-        order = (
-            np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else range(self.size)
-        )
+        indices = self._indices()
         start, self._skip = self._skip, 0
         self.yielded = start
-        for i in list(order)[start:]:
+        for i in indices[start:]:
             self.yielded += 1
             yield int(i)
 
@@ -57,17 +68,19 @@ class ResumableSampler(Sampler[int]):
         return {"epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._skip = state["epoch"], state["yielded"] % max(self.size, 1)
+        self.epoch, self._skip = state["epoch"], state["yielded"] % max(len(self._indices()), 1)
 
 
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position Lightning checkpoints (through its ResumableSampler)."""
 
     def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict()
+        # Lightning may have swapped in its own distributed sampler: then there is no position to save.
+        return self.sampler.state_dict() if isinstance(self.sampler, ResumableSampler) else {}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.load_state_dict(state)
+        if state and isinstance(self.sampler, ResumableSampler):
+            self.sampler.load_state_dict(state)
 
 
 def _columns(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -36,6 +36,8 @@ class ESFTModule(L.LightningModule):
         lr_scheduler: optional scheduler (the paper uses a constant rate).
         router_aux_loss_coef: weight of the model's router load-balancing loss (0: off; routers are frozen).
         save_trainable_only: Lightning checkpoints hold only trainable tensors (plus optimizer state).
+        fsdp_bf16: under FSDP2 (ModelParallelStrategy), compute in bf16 with fp32 sharded parameters.
+        activation_checkpointing: recompute decoder-layer activations in backward (less memory).
         seed: seed of the random initialisation of a built model.
     """
 
@@ -52,6 +54,8 @@ class ESFTModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         router_aux_loss_coef: float = 0.0,
         save_trainable_only: bool = True,
+        fsdp_bf16: bool = False,
+        activation_checkpointing: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -61,6 +65,7 @@ class ESFTModule(L.LightningModule):
         self.experts_implementation = experts_implementation
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.router_aux_loss_coef, self.save_trainable_only = router_aux_loss_coef, save_trainable_only
+        self.fsdp_bf16, self.activation_checkpointing = fsdp_bf16, activation_checkpointing
         self.tokenizer = self._load_tokenizer(tokenizer)
         self.model: nn.Module | None = None
         self.strict_loading = False  # small checkpoints hold only the trainable tensors
@@ -108,7 +113,28 @@ class ESFTModule(L.LightningModule):
         return model
 
     def configure_model(self) -> None:
-        self.build_model()
+        """Build the model; under ModelParallelStrategy (FSDP2) shard every decoder layer, then the rest.
+
+        Expert selection runs before this (in ExpertSelectionCallback.setup) on the unsharded model, so
+        frozen fused experts and the small trainable ones are sharded alike and stay parameters.
+        """
+        model = self.build_model()
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or getattr(model, "_esft_sharded", False):
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if self.fsdp_bf16 else MixedPrecisionPolicy()
+        if self.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in model.get_decoder().layers:
+            fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+        model._esft_sharded = True
+        local = sum(_local_numel(p) * p.element_size() for p in model.parameters())
+        full = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(f"ESFT FSDP rank {self.global_rank}: parameter bytes {local} local of {full} ({local / full:.3f})")
 
     @property
     def expert_config(self) -> ExpertConfig | None:
@@ -212,6 +238,10 @@ class ESFTModule(L.LightningModule):
 
     def trainable_summary(self) -> dict[str, int]:
         return trainable_summary(self.model)
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
 
 
 def _has_tokenizer(path: str) -> bool:
