@@ -59,6 +59,9 @@ def setup(threads: int | None = None, quiet: bool = True) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 def machine_line() -> str:
@@ -111,12 +114,10 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
-def spread(values: Sequence[float]) -> str:
-    """Inter-quartile range as a compact string (a noise indicator)."""
-    if len(values) < 4:
-        return f"{min(values):.3f}-{max(values):.3f}"
-    q = statistics.quantiles(values, n=4)
-    return f"{q[0]:.3f}-{q[2]:.3f}"
+def spread(values: Sequence[float], fmt: str = ".3f") -> str:
+    """Inter-quartile range (min-max under 4 values) as a compact string: a noise indicator."""
+    lo, hi = (min(values), max(values)) if len(values) < 4 else statistics.quantiles(values, n=4)[::2]
+    return f"{lo:{fmt}}-{hi:{fmt}}"
 
 
 def human_bytes(n: float) -> str:

@@ -88,6 +88,8 @@ class ESFTModule(L.LightningModule):
         """Build (or load) the Hugging Face model once; later calls return the same model."""
         if self.model is not None:
             return self.model
+        # CPU grouped_mm can hit denormals on rarely-used expert rows (one run measured 48x slower).
+        torch.set_flush_denormal(True)
         extra = {} if self.experts_implementation is None else {"experts_implementation": self.experts_implementation}
         if self.model_path:
             from transformers import AutoModelForCausalLM
