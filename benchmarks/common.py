@@ -47,9 +47,9 @@ MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 VOCAB_SIZE = 320
 
 
-def setup(threads: int | None = None, quiet: bool = True) -> None:
+def setup(threads: int | None = None, quiet: bool = True, flush_denormal: bool = True) -> None:
     """Common process setup: flush denormals (CPU grouped_mm), optional thread count, fewer warnings."""
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(flush_denormal)
     if threads:
         torch.set_num_threads(threads)
     if quiet:
@@ -67,8 +67,17 @@ def setup(threads: int | None = None, quiet: bool = True) -> None:
 def machine_line() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), python {platform.python_version()}"
+        f"({torch.get_num_threads()} threads), python {platform.python_version()}; {load_line()}"
     )
+
+
+def load_line() -> str:
+    """The machine's load average: timings on a shared CPU are only as good as this is low."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
 
 
 def build_model(name: str, seed: int = 0, **overrides: Any) -> nn.Module:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, machine_line, median, print_table, setup, verdict
+from common import REPO_ROOT, load_line, machine_line, median, print_table, setup, verdict
 
 from esft_lightning import ESFTDataModule, Source
 
@@ -69,3 +69,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(f"\n# end: {load_line()}")

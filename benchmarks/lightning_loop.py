@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import MODEL_CONFIGS, machine_line, median, print_table, setup, spread, verdict
+from common import MODEL_CONFIGS, load_line, machine_line, median, print_table, setup, spread, verdict
 
 from esft_lightning import ESFTDataModule, ESFTModule, Source
 from esft_lightning.experts import apply_expert_config
@@ -150,3 +150,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(f"\n# end: {load_line()}")

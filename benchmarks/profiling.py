@@ -15,6 +15,7 @@ from common import (
     MODEL_CONFIGS,
     build_model,
     interleaved_times,
+    load_line,
     machine_line,
     median,
     print_table,
@@ -78,3 +79,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(f"\n# end: {load_line()}")

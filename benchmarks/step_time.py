@@ -26,6 +26,7 @@ from common import (
     build_model,
     human_bytes,
     interleaved_times,
+    load_line,
     machine_line,
     median,
     print_table,
@@ -268,9 +269,11 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--no-lora", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-flush-denormal", action="store_true",
+                        help="leave denormals on (diagnostic: CPU grouped_mm can slow down badly)")
     args = parser.parse_args()
-    setup(args.threads)
-    print(f"# step_time: {machine_line()}")
+    setup(args.threads, flush_denormal=not args.no_flush_denormal)
+    print(f"# step_time: {machine_line()}; flush denormal {'off' if args.no_flush_denormal else 'on'}")
     results = {name: bench_model(name, args) for name in args.models}
     print("\n## summary (ratios of medians, same run)")
     keys = ["esft_over_fft", "floor_over_fft", "esft_over_floor", "gradmask_over_fft", "lora_over_fft",
@@ -281,3 +284,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(f"\n# end: {load_line()}")

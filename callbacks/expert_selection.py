@@ -62,8 +62,11 @@ class ExpertSelectionCallback(L.Callback):
         self.resume_ckpt: str | None = None  # set by `esft fit --ckpt_path`: reuse that run's selection
 
     # -- deciding ------------------------------------------------------------------------------------
-    def select(self, model: torch.nn.Module, task_batches: Any) -> ExpertConfig:
-        """Profile (when the score function needs it) and select; usable without a Trainer."""
+    def select(self, model: torch.nn.Module, task_batches: Any, world_size: int = 1) -> ExpertConfig:
+        """Profile (when the score function needs it) and select; usable without a Trainer.
+
+        With ``world_size`` > 1 each rank profiles its share of ``max_tokens``; the sums are all-reduced.
+        """
         if self.expert_config_path:
             return ExpertConfig.load(self.expert_config_path)
         num_experts = {layer.index: layer.num_experts for layer in find_moe_layers(model)}
@@ -72,7 +75,8 @@ class ExpertSelectionCallback(L.Callback):
             return all_experts(num_experts, **self.flags, meta=meta)
         if self.score_function == "none":
             return no_experts(num_experts, **self.flags, meta=meta)
-        self.profile = profile_routing(model, task_batches, max_tokens=self.max_tokens)
+        budget = None if self.max_tokens is None else -(-self.max_tokens // world_size)
+        self.profile = profile_routing(model, task_batches, max_tokens=budget)
         kind = "gate" if self.score_function == "gate" else "token"
         meta["num_tokens"] = self.profile.num_tokens
         config = select_experts(self.profile.scores(kind), self.top_p, **self.flags, meta=meta)
@@ -99,10 +103,10 @@ class ExpertSelectionCallback(L.Callback):
                 if dm is None or not hasattr(dm, "task_dataloader"):
                     raise ValueError("ExpertSelectionCallback needs a datamodule with task_dataloader() to profile")
                 dm.setup("fit")
+                # Under several processes the loader's sampler gives each rank its share of the sequences;
+                # profile_routing all-reduces the sums, so every rank gets the same scores.
                 batches = dm.task_dataloader(self.profile_batch_size)
-                if trainer.world_size > 1:  # each rank profiles its share; profile_routing all-reduces
-                    batches = _rank_share(batches, trainer.global_rank, trainer.world_size)
-            config = self.select(model, batches)
+            config = self.select(model, batches, trainer.world_size)
             _check_same_on_all_ranks(trainer, config)
         summary = apply_expert_config(model, config)
         self.config = config
@@ -144,12 +148,6 @@ class ExpertSelectionCallback(L.Callback):
         if self.write_adapter and trainer.log_dir is not None:
             path = save_adapter(pl_module.model, Path(trainer.log_dir) / "adapter")
             rank_zero_info(f"ESFT: adapter written to {path}")
-
-
-def _rank_share(batches: Any, rank: int, world_size: int):
-    for i, batch in enumerate(batches):
-        if i % world_size == rank:
-            yield batch
 
 
 def _check_same_on_all_ranks(trainer: L.Trainer, config: ExpertConfig) -> None:

@@ -146,8 +146,13 @@ class ESFTModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
-    def _loss(self, batch: dict[str, torch.Tensor]):
+    def _loss(self, batch: dict[str, torch.Tensor], across_ranks: bool = False):
         aux = {"output_router_logits": True} if self.router_aux_loss_coef > 0 else {}
+        if across_ranks and self._trainer is not None and self.trainer.world_size > 1:
+            # Data parallel averages gradients over ranks; normalising each rank's token-sum by the global
+            # token count / world size makes that average the true per-token mean of the global batch.
+            tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+            aux["num_items_in_batch"] = self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
         out = self(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"], **aux)
         loss = out.loss
         if self.router_aux_loss_coef > 0 and getattr(out, "aux_loss", None) is None:
@@ -158,7 +163,7 @@ class ESFTModule(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
+        loss, _ = self._loss(batch, across_ranks=True)
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/ppl", torch.exp(loss.detach()), batch_size=size)
