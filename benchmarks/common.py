@@ -28,18 +28,38 @@ MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "deepseek_v3": (
         "deepseek_v3",
         dict(
-            hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-            first_k_dense_replace=0, n_routed_experts=32, num_experts_per_tok=4, n_group=1, topk_group=1,
-            n_shared_experts=1, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=64,
-            q_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            num_hidden_layers=4,
+            first_k_dense_replace=0,
+            n_routed_experts=32,
+            num_experts_per_tok=4,
+            n_group=1,
+            topk_group=1,
+            n_shared_experts=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            kv_lora_rank=64,
+            q_lora_rank=128,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
             max_position_embeddings=2048,
         ),
     ),
     "qwen3_moe": (
         "qwen3_moe",
         dict(
-            hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-            num_experts=32, num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            num_hidden_layers=4,
+            num_experts=32,
+            num_experts_per_tok=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
             max_position_embeddings=2048,
         ),
     ),
@@ -100,9 +120,7 @@ def random_batches(
     return out
 
 
-def interleaved_times(
-    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
-) -> dict[str, list[float]]:
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Run each function ``warmup`` times, then ``repeats`` rounds A, B, C, ... (order rotated each round,
     so slow drifts of a shared machine hit every variant alike). Returns seconds per call per variant."""
     names = list(fns)
@@ -111,7 +129,7 @@ def interleaved_times(
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             start = time.perf_counter()
             fns[name]()

@@ -22,8 +22,14 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "esft" / "train" / "intent
 
 def run_once(path: Path, cache: Path, args: argparse.Namespace) -> tuple[float, ESFTDataModule]:
     start = time.perf_counter()
-    dm = ESFTDataModule(task=[Source(str(path))], seq_length=args.seq_length, batch_size=args.batch_size,
-                        general_ratio=0, cache_dir=str(cache), packing=args.packing)
+    dm = ESFTDataModule(
+        task=[Source(str(path))],
+        seq_length=args.seq_length,
+        batch_size=args.batch_size,
+        general_ratio=0,
+        cache_dir=str(cache),
+        packing=args.packing,
+    )
     dm.setup("fit")
     next(iter(dm.train_dataloader()))
     return time.perf_counter() - start, dm
@@ -31,8 +37,12 @@ def run_once(path: Path, cache: Path, args: argparse.Namespace) -> tuple[float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", nargs="?", default=str(DEFAULT_DATA),
-                        help="ESFT chat JSONL (default: ../shared/data/esft/train/intent.jsonl)")
+    parser.add_argument(
+        "path",
+        nargs="?",
+        default=str(DEFAULT_DATA),
+        help="ESFT chat JSONL (default: ../shared/data/esft/train/intent.jsonl)",
+    )
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--packing", default="pack", choices=["pack", "pad"])
@@ -56,13 +66,18 @@ def main() -> None:
         with open(path, "rb") as f:
             records = sum(1 for line in f if line.strip())
         cache_bytes = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
-    print(f"\n{path} ({records:,} records) -> {train_seqs:,} train + {val_seqs:,} validation sequences "
-          f"of <= {args.seq_length} tokens ({args.packing}), {tokens:,} training tokens; "
-          f"cache {cache_bytes / 2**20:.1f} MiB\n")
-    print_table(["run", "seconds"], [
-        ["cold (empty cache)", f"{cold:.2f}"],
-        [f"cached (median of {len(cached)} new datamodules)", f"{median(cached):.2f}"],
-    ])
+    print(
+        f"\n{path} ({records:,} records) -> {train_seqs:,} train + {val_seqs:,} validation sequences "
+        f"of <= {args.seq_length} tokens ({args.packing}), {tokens:,} training tokens; "
+        f"cache {cache_bytes / 2**20:.1f} MiB\n"
+    )
+    print_table(
+        ["run", "seconds"],
+        [
+            ["cold (empty cache)", f"{cold:.2f}"],
+            [f"cached (median of {len(cached)} new datamodules)", f"{median(cached):.2f}"],
+        ],
+    )
     print(f"\ncached run: {median(cached):.2f} s  {verdict(median(cached), 2.0, False)}")
     print(f"cold / cached: {cold / median(cached):.1f}x")
 

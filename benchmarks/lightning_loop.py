@@ -27,8 +27,10 @@ from esft_lightning.experts import apply_expert_config
 from esft_lightning.routing import profile_routing
 from esft_lightning.selection import select_experts
 
-WORDS = ("the model routes every token to a few experts and only the selected experts learn the task "
-         "while attention norms routers embeddings and the head stay frozen 0 1 2 3 4 5 6 7 8 9").split()
+WORDS = (
+    "the model routes every token to a few experts and only the selected experts learn the task "
+    "while attention norms routers embeddings and the head stay frozen 0 1 2 3 4 5 6 7 8 9"
+).split()
 
 
 def write_chat_jsonl(path: Path, records: int, seed: int = 0) -> None:
@@ -62,8 +64,15 @@ def throughput(ends: list[float], tokens: list[int], warmup: int) -> float:
 def lightning_round(module: ESFTModule, dm: ESFTDataModule, steps: int, warmup: int) -> float:
     clock = StepClock()
     trainer = L.Trainer(
-        max_steps=warmup + steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        max_steps=warmup + steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
         callbacks=[clock],
     )
     trainer.fit(module, datamodule=dm)
@@ -79,8 +88,12 @@ def plain_round(model: torch.nn.Module, dm: ESFTDataModule, steps: int, warmup: 
     for i, batch in enumerate(dm.train_dataloader()):
         if i == warmup + steps:
             break
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    labels=batch["labels"], use_cache=False)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+        )
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -92,18 +105,25 @@ def plain_round(model: torch.nn.Module, dm: ESFTDataModule, steps: int, warmup: 
 
 def bench_model(name: str, args: argparse.Namespace, data: Path, cache: Path) -> float:
     family, config = MODEL_CONFIGS[name]
-    dm = ESFTDataModule(task=[Source(str(data))], seq_length=args.seq_length, batch_size=args.batch_size,
-                        general_ratio=0, cache_dir=str(cache))
+    dm = ESFTDataModule(
+        task=[Source(str(data))],
+        seq_length=args.seq_length,
+        batch_size=args.batch_size,
+        general_ratio=0,
+        cache_dir=str(cache),
+    )
     dm.setup("fit")
     module = ESFTModule(family=family, model_config=dict(config))
     model = module.build_model()
     profile = profile_routing(model, dm.task_dataloader(), max_tokens=args.profile_tokens, progress=False)
     expert_config = select_experts(profile.token_scores, top_p=0.2)
     summary = apply_expert_config(model, expert_config)
-    print(f"\n## {name}: ESFT-Token p=0.2, {summary['selected_experts']} experts, "
-          f"{summary['trainable_params']:,} of {summary['total_params']:,} params trainable; "
-          f"batch {args.batch_size} x {args.seq_length}; {len(dm.train_dataset)} train sequences; "
-          f"{args.rounds} rounds of {args.warmup} warm-up + {args.steps} timed steps per loop\n")
+    print(
+        f"\n## {name}: ESFT-Token p=0.2, {summary['selected_experts']} experts, "
+        f"{summary['trainable_params']:,} of {summary['total_params']:,} params trainable; "
+        f"batch {args.batch_size} x {args.seq_length}; {len(dm.train_dataset)} train sequences; "
+        f"{args.rounds} rounds of {args.warmup} warm-up + {args.steps} timed steps per loop\n"
+    )
     results: dict[str, list[float]] = {"lightning Trainer.fit": [], "plain PyTorch loop": []}
     for r in range(args.rounds):
         order = ["lightning", "plain"] if r % 2 == 0 else ["plain", "lightning"]
@@ -112,8 +132,7 @@ def bench_model(name: str, args: argparse.Namespace, data: Path, cache: Path) ->
                 results["lightning Trainer.fit"].append(lightning_round(module, dm, args.steps, args.warmup))
             else:
                 results["plain PyTorch loop"].append(plain_round(model, dm, args.steps, args.warmup))
-    rows = [[k, f"{median(v):,.0f}", spread(v, ",.0f"), ", ".join(f"{x:,.0f}" for x in v)]
-            for k, v in results.items()]
+    rows = [[k, f"{median(v):,.0f}", spread(v, ",.0f"), ", ".join(f"{x:,.0f}" for x in v)] for k, v in results.items()]
     print_table(["loop", "tokens/s (median)", "IQR", "per round"], rows)
     ratio = median(results["lightning Trainer.fit"]) / median(results["plain PyTorch loop"])
     print(f"\nLightning / plain PyTorch tokens/s: {ratio:.3f}  {verdict(ratio, 0.95, True)}")

@@ -34,7 +34,7 @@ def bench_model(name: str, args: argparse.Namespace) -> float:
     if args.padding:
         # Pad the second half of every other sequence: profiling must mask padding, the forward sees it too.
         for b in batches:
-            b["attention_mask"][::2, args.seq_length // 2:] = 0
+            b["attention_mask"][::2, args.seq_length // 2 :] = 0
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
 
     def profile() -> None:
@@ -47,11 +47,12 @@ def bench_model(name: str, args: argparse.Namespace) -> float:
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
         model.train()
 
-    times = interleaved_times({"profile_routing": profile, "plain no_grad forward": plain}, args.repeats,
-                              args.warmup)
+    times = interleaved_times({"profile_routing": profile, "plain no_grad forward": plain}, args.repeats, args.warmup)
     rows = [[k, f"{median(t):.3f}", spread(t), f"{tokens / median(t):,.0f}"] for k, t in times.items()]
-    print(f"\n## {name}: {args.num_batches} batches of {args.batch_size} x {args.seq_length} "
-          f"({tokens:,} non-padding tokens per pass), {args.repeats} interleaved repeats\n")
+    print(
+        f"\n## {name}: {args.num_batches} batches of {args.batch_size} x {args.seq_length} "
+        f"({tokens:,} non-padding tokens per pass), {args.repeats} interleaved repeats\n"
+    )
     print_table(["pass", "seconds (median)", "IQR s", "tokens/s"], rows)
     ratio = median(times["plain no_grad forward"]) / median(times["profile_routing"])
     print(f"\nprofiling throughput / plain forward throughput: {ratio:.3f}  {verdict(ratio, 0.90, True)}")

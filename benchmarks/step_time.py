@@ -62,8 +62,7 @@ def make_step(
 
     def step() -> None:
         b = next(cycle)
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
-                    use_cache=False)
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -104,8 +103,12 @@ def saved_for_backward_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    labels=batch["labels"], use_cache=False)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+        )
     total = sum(seen.values())
     del out
     return total
@@ -121,9 +124,7 @@ def frozen_expert_snapshot(model: nn.Module, selection: dict[int, list[int]]) ->
     return snap
 
 
-def frozen_expert_drift(
-    model: nn.Module, selection: dict[int, list[int]], snap: dict[str, torch.Tensor]
-) -> float:
+def frozen_expert_drift(model: nn.Module, selection: dict[int, list[int]], snap: dict[str, torch.Tensor]) -> float:
     now = frozen_expert_snapshot(model, selection)
     return max(float((now[k] - snap[k]).abs().max()) for k in snap)
 
@@ -149,7 +150,9 @@ def add_lora(model: nn.Module, rank: int) -> tuple[nn.Module, str]:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=[],
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=[],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
     return get_peft_model(model, config), f"PEFT LoRA r={rank} on gate_up_proj/down_proj of every MoE layer"
@@ -157,8 +160,10 @@ def add_lora(model: nn.Module, rank: int) -> tuple[nn.Module, str]:
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     print(f"\n## {name}: {MODEL_CONFIGS[name][1]}")
-    print(f"batch {args.batch_size} x {args.seq_length} tokens, AdamW lr 1e-5 wd 0.1, "
-          f"{args.repeats} interleaved repeats after {args.warmup} warm-up step(s)\n")
+    print(
+        f"batch {args.batch_size} x {args.seq_length} tokens, AdamW lr 1e-5 wd 0.1, "
+        f"{args.repeats} interleaved repeats after {args.warmup} warm-up step(s)\n"
+    )
     batches = random_batches(args.num_batches, args.batch_size, args.seq_length, seed=1)
 
     # Selection: ESFT-Token p=0.2 on a few random batches (profiling is not timed here).
@@ -168,9 +173,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     config = select_experts(profile.token_scores, top_p=args.top_p)
     selection = {k: list(v) for k, v in config.experts.items()}
     total_experts = sum(layer.num_experts for layer in find_moe_layers(esft_model))
-    print(f"ESFT-Token p={args.top_p}: {config.num_selected} of {total_experts} routed experts selected "
-          f"(per layer: {', '.join(f'{k}: {len(v)}' for k, v in sorted(selection.items()))}), "
-          f"profiled {profile.num_tokens} tokens")
+    print(
+        f"ESFT-Token p={args.top_p}: {config.num_selected} of {total_experts} routed experts selected "
+        f"(per layer: {', '.join(f'{k}: {len(v)}' for k, v in sorted(selection.items()))}), "
+        f"profiled {profile.num_tokens} tokens"
+    )
 
     variants: dict[str, Variant] = {}
     snapshots: dict[str, dict[str, torch.Tensor]] = {}
@@ -187,16 +194,16 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     masked = build_model(name)
     snapshots["gradmask"] = frozen_expert_snapshot(masked, selection)
     handles = add_gradient_masks(masked, selection)
-    variants["gradmask"] = Variant("gradmask", masked, note="fused experts trainable + grad-zeroing hooks",
-                                   hooks=handles)
+    variants["gradmask"] = Variant(
+        "gradmask", masked, note="fused experts trainable + grad-zeroing hooks", hooks=handles
+    )
 
     if not args.no_lora:
         try:
             lora, note = add_lora(build_model(name), args.lora_rank)
             variants["lora"] = Variant("lora", lora, note=note)
         except Exception as err:  # noqa: BLE001 - report and skip: PEFT may not support fused params
-            print(f"LoRA skipped: PEFT could not wrap the fused expert parameters: "
-                  f"{type(err).__name__}: {err}")
+            print(f"LoRA skipped: PEFT could not wrap the fused expert parameters: {type(err).__name__}: {err}")
 
     floor = build_model(name)
     first = find_moe_layers(floor)[0].index
@@ -223,15 +230,35 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
         n_train, train_bytes = trainable(v.model)
         state = optimizer_state_bytes(v.optimizer)
         drift = frozen_expert_drift(v.model, selection, snapshots[k]) if k in snapshots else None
-        rows.append([
-            k, f"{median(times[k]):.3f}", spread(times[k]), f"{median(times[k]) / fft_time:.3f}",
-            f"{n_train:,}", human_bytes(state), f"{state / max(train_bytes, 1):.2f}",
-            human_bytes(saved[k]), f"{saved[k] / saved['fft']:.3f}",
-            "-" if drift is None else f"{drift:.2e}", v.note,
-        ])
+        rows.append(
+            [
+                k,
+                f"{median(times[k]):.3f}",
+                spread(times[k]),
+                f"{median(times[k]) / fft_time:.3f}",
+                f"{n_train:,}",
+                human_bytes(state),
+                f"{state / max(train_bytes, 1):.2f}",
+                human_bytes(saved[k]),
+                f"{saved[k] / saved['fft']:.3f}",
+                "-" if drift is None else f"{drift:.2e}",
+                v.note,
+            ]
+        )
     print_table(
-        ["variant", "step s (median)", "IQR s", "/ fft", "trainable params", "AdamW state",
-         "state / trainable", "saved for bwd", "saved / fft", "frozen experts max |dW|", "what"],
+        [
+            "variant",
+            "step s (median)",
+            "IQR s",
+            "/ fft",
+            "trainable params",
+            "AdamW state",
+            "state / trainable",
+            "saved for bwd",
+            "saved / fft",
+            "frozen experts max |dW|",
+            "what",
+        ],
         rows,
     )
     result = {
@@ -244,15 +271,16 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     if "lora" in variants:
         result["lora_over_fft"] = median(times["lora"]) / fft_time
     print()
-    print(f"ESFT / FFT step time      : {result['esft_over_fft']:.3f}  "
-          f"{verdict(result['esft_over_fft'], 0.65, False)}")
+    print(f"ESFT / FFT step time      : {result['esft_over_fft']:.3f}  {verdict(result['esft_over_fft'], 0.65, False)}")
     print(f"floor / FFT step time     : {result['floor_over_fft']:.3f}")
     print(f"ESFT / floor step time    : {result['esft_over_floor']:.3f}")
     print(f"gradmask / FFT step time  : {result['gradmask_over_fft']:.3f}")
     if "lora" in result:
         print(f"LoRA / FFT step time      : {result['lora_over_fft']:.3f}")
-    print(f"saved-for-backward bytes, ESFT / FFT: {result['saved_esft_over_fft']:.3f}  "
-          f"{verdict(result['saved_esft_over_fft'], 0.85, False)}")
+    print(
+        f"saved-for-backward bytes, ESFT / FFT: {result['saved_esft_over_fft']:.3f}  "
+        f"{verdict(result['saved_esft_over_fft'], 0.85, False)}"
+    )
     return result
 
 
@@ -269,15 +297,24 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--no-lora", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-flush-denormal", action="store_true",
-                        help="leave denormals on (diagnostic: CPU grouped_mm can slow down badly)")
+    parser.add_argument(
+        "--no-flush-denormal",
+        action="store_true",
+        help="leave denormals on (diagnostic: CPU grouped_mm can slow down badly)",
+    )
     args = parser.parse_args()
     setup(args.threads, flush_denormal=not args.no_flush_denormal)
     print(f"# step_time: {machine_line()}; flush denormal {'off' if args.no_flush_denormal else 'on'}")
     results = {name: bench_model(name, args) for name in args.models}
     print("\n## summary (ratios of medians, same run)")
-    keys = ["esft_over_fft", "floor_over_fft", "esft_over_floor", "gradmask_over_fft", "lora_over_fft",
-            "saved_esft_over_fft"]
+    keys = [
+        "esft_over_fft",
+        "floor_over_fft",
+        "esft_over_floor",
+        "gradmask_over_fft",
+        "lora_over_fft",
+        "saved_esft_over_fft",
+    ]
     rows = [[n, *(f"{r[k]:.3f}" if k in r else "-" for k in keys)] for n, r in results.items()]
     print_table(["model", *keys], rows)
 

@@ -29,7 +29,8 @@ class ESFTModule(L.LightningModule):
         model_config: config overrides for the built model (hidden_size, num_hidden_layers, ...).
         tokenizer: tokenizer directory; defaults to ``model``'s, else the file-free byte tokenizer.
         trust_remote_code: allow custom modeling code from the model directory (off by default).
-        dtype: parameter dtype when loading (``float32``, ``bfloat16``, ``auto``).
+        dtype: parameter dtype (``float32``, ``bfloat16``) or ``auto``: bfloat16 where a CUDA GPU supports it,
+            float32 on CPU.
         experts_implementation: transformers experts forward (``grouped_mm`` default, ``eager``).
         optimizer: optimizer over the trainable parameters only (default AdamW lr 1e-5, betas
             0.9/0.95, weight decay 0.1: the paper's ESFT recipe).
@@ -48,7 +49,7 @@ class ESFTModule(L.LightningModule):
         model_config: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         trust_remote_code: bool = False,
-        dtype: str = "float32",
+        dtype: str = "auto",
         experts_implementation: str | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -94,7 +95,7 @@ class ESFTModule(L.LightningModule):
         if self.model_path:
             from transformers import AutoModelForCausalLM
 
-            dtype = self.dtype_name if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
+            dtype = self.param_dtype
             model = AutoModelForCausalLM.from_pretrained(
                 self.model_path, trust_remote_code=self.trust_remote_code, dtype=dtype, **extra
             )
@@ -108,11 +109,18 @@ class ESFTModule(L.LightningModule):
                 **extra,
                 **self.model_config,
             )
-            model.to(getattr(torch, self.dtype_name) if self.dtype_name != "auto" else torch.float32)
+            model.to(self.param_dtype)
         if self.router_aux_loss_coef > 0:
             model.config.router_aux_loss_coef = self.router_aux_loss_coef
         self.model = model
         return model
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        if self.dtype_name != "auto":
+            return getattr(torch, self.dtype_name)
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
 
     def configure_model(self) -> None:
         """Build the model; under ModelParallelStrategy (FSDP2) shard every decoder layer, then the rest.
@@ -173,6 +181,12 @@ class ESFTModule(L.LightningModule):
         tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         elapsed = max(time.perf_counter() - self._step_started, 1e-9)
         self.log("train/tokens_per_sec", tokens / elapsed, prog_bar=True, batch_size=1)
+        if self.global_step == 1 and self.optimizers(use_pl_optimizer=False) is not None:
+            # After the first optimizer step (gradients not yet cleared): what this rank holds for training.
+            memory = training_memory_bytes(self.model, self.optimizers(use_pl_optimizer=False))
+            for logger in self.loggers:  # a one-off reading: straight to the loggers, not every n steps
+                logger.log_metrics({f"memory/{k}": float(v) for k, v in memory.items()}, step=self.global_step)
+            print(f"ESFT memory rank {self.global_rank}: " + ", ".join(f"{k} {v}" for k, v in memory.items()))
 
     def _val_names(self) -> list[str]:
         dm = getattr(self.trainer, "datamodule", None)
@@ -239,12 +253,27 @@ class ESFTModule(L.LightningModule):
                 "checkpoint's expert_cfg.json (ExpertSelectionCallback(expert_config=...)) or start afresh"
             )
         trainable = sorted(n for n, p in self.named_parameters() if p.requires_grad)
-        if self.save_trainable_only and sorted(checkpoint["state_dict"]) != trainable:
+        # (FSDP strategies load the module state themselves and hand this hook a checkpoint without it.)
+        if self.save_trainable_only and "state_dict" in checkpoint and sorted(checkpoint["state_dict"]) != trainable:
             missing = sorted(set(trainable) - set(checkpoint["state_dict"]))[:5]
             raise ValueError(f"checkpoint does not match this model's trainable tensors (missing e.g. {missing})")
 
     def trainable_summary(self) -> dict[str, int]:
         return trainable_summary(self.model)
+
+
+def training_memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this process holds in parameters, gradients and optimizer state (local shards under FSDP)."""
+
+    def local_bytes(t: torch.Tensor) -> int:
+        return _local_numel(t) * t.element_size()
+
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    return {
+        "param_bytes": sum(local_bytes(p) for p in model.parameters()),
+        "grad_bytes": sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None),
+        "optimizer_state_bytes": sum(local_bytes(t) for t in state),
+    }
 
 
 def _local_numel(p: torch.Tensor) -> int:

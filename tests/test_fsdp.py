@@ -14,8 +14,7 @@ from .conftest import REPO
 from .test_cli import quick_config
 
 
-def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
-    cfg = quick_config(tmp_path, steps=4)
+def fsdp_fit(cfg, cwd, *extra: str) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
@@ -30,13 +29,23 @@ def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
         "cpu",
         "--trainer.devices",
         "2",
+        *extra,
     ]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
+    return out
+
+
+def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
+    out = fsdp_fit(quick_config(tmp_path, steps=4), tmp_path)
     assert re.search(r"the same \d+ experts selected on all 2 ranks", out)
     shares = [float(s) for s in re.findall(r"ESFT FSDP rank \d: parameter bytes \d+ local of \d+ \(([\d.]+)\)", out)]
     assert len(shares) == 2 and all(0.45 <= s <= 0.55 for s in shares), shares
+    memory = re.findall(r"ESFT memory rank \d: param_bytes (\d+), grad_bytes (\d+), optimizer_state_bytes (\d+)", out)
+    assert len(memory) == 2
+    for param, grad, state in memory:  # each rank holds a shard of the trainables' grads and AdamW state
+        assert int(grad) > 0 and int(state) == 2 * int(grad) and int(grad) < int(param) / 10
     run = sorted((tmp_path / "run" / "logs").glob("version_*"))[-1]
     config = ExpertConfig.load(run / "expert_cfg.json")
     adapter = load_file(str(run / "adapter" / "adapter.safetensors"))
@@ -64,22 +73,7 @@ def test_fsdp_adapter_equals_single_process_run(tmp_path):
         cfg["trainer"]["callbacks"][0]["init_args"].update(max_tokens=1024)
         cfg_path.write_text(yaml.safe_dump(cfg))
         if devices == 2:
-            cmd = [
-                sys.executable,
-                "-m",
-                "esft_lightning.cli",
-                "fit",
-                "--config",
-                str(cfg_path),
-                "--config",
-                str(REPO / "configs/fsdp.yaml"),
-                "--trainer.accelerator",
-                "cpu",
-                "--trainer.devices",
-                "2",
-            ]
-            done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-            assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+            fsdp_fit(cfg_path, tmp_path)
         else:
             main(["fit", "--config", str(cfg_path)])
         run = sorted((tmp_path / name / "run" / "logs").glob("version_*"))[-1]
@@ -90,3 +84,19 @@ def test_fsdp_adapter_equals_single_process_run(tmp_path):
     assert adapters["fsdp"][0] == adapters["single"][0]  # same profile -> same selection
     for key, value in adapters["single"][1].items():
         torch.testing.assert_close(adapters["fsdp"][1][key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path):
+    fsdp_fit(quick_config(tmp_path / "a", steps=6), tmp_path)
+    run_a = sorted((tmp_path / "a/run/logs").glob("version_*"))[-1]
+    cfg = quick_config(tmp_path / "b", steps=4)
+    fsdp_fit(cfg, tmp_path)
+    ckpt = tmp_path / "b/run/checkpoints/last.ckpt"
+    (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
+    out = fsdp_fit(cfg, tmp_path, "--trainer.max_steps", "6", "--ckpt_path", "last")
+    assert "resuming with the checkpoint's expert selection" in out
+    run_b = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1]
+    a, b = load_file(str(run_a / "adapter/adapter.safetensors")), load_file(str(run_b / "adapter/adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)

@@ -1,0 +1,107 @@
+"""GPU: tokens/s and peak memory of ESFT-Token vs full fine-tuning on one CUDA GPU (bf16, grouped_mm)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from esft_lightning.experts import apply_expert_config
+from esft_lightning.models import build_tiny_model
+from esft_lightning.routing import profile_routing
+from esft_lightning.selection import select_experts
+
+
+def build(args: argparse.Namespace) -> torch.nn.Module:
+    model = build_tiny_model(
+        "deepseek_v3",
+        vocab_size=32000,
+        experts_implementation="grouped_mm",
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        moe_intermediate_size=args.moe_intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        n_routed_experts=args.experts,
+        n_shared_experts=2,
+        num_experts_per_tok=args.top_k,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        max_position_embeddings=8192,
+    )
+    return model.to("cuda", torch.bfloat16)
+
+
+def run(args: argparse.Namespace, variant: str) -> dict[str, float]:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = build(args)
+    batches = [torch.randint(0, 32000, (args.batch, args.seq), device="cuda") for _ in range(4)]
+    if variant == "esft":
+        profile = profile_routing(
+            model, [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches], progress=False
+        )
+        apply_expert_config(model, select_experts(profile.token_scores, top_p=0.2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+    model.train()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        ids = batches[step % len(batches)]
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    result = {
+        "tokens_per_sec": args.steps * args.batch * args.seq / elapsed,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "trainable_share": sum(p.numel() for p in params) / sum(p.numel() for p in model.parameters()),
+    }
+    del model, opt
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--moe-intermediate", type=int, default=1408)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/gpu.py needs a CUDA GPU; none is available here (CPU ratios: benchmarks/step_time.py).")
+        sys.exit(0)
+    print(
+        f"device: {torch.cuda.get_device_name()}, bf16, grouped_mm experts; DeepSeek-V2-Lite-like layers x{args.layers}"
+    )
+    results = {v: run(args, v) for v in ("fft", "esft")}
+    for variant, r in results.items():
+        print(
+            f"{variant:5s} tokens/s {r['tokens_per_sec']:10.0f}  peak {r['peak_gib']:6.2f} GiB  "
+            f"trainable {r['trainable_share']:.2%}"
+        )
+    print(
+        f"ESFT / FFT: tokens/s x{results['esft']['tokens_per_sec'] / results['fft']['tokens_per_sec']:.2f}, "
+        f"peak memory x{results['esft']['peak_gib'] / results['fft']['peak_gib']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
