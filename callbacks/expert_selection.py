@@ -27,7 +27,8 @@ class ExpertSelectionCallback(L.Callback):
         score_function: ``token`` (ESFT-Token), ``gate`` (ESFT-Gate), or a baseline: ``all`` (every
             routed expert: full fine-tuning of the experts), ``random`` (as many experts per layer as
             ESFT-Token picks, drawn at random: the paper's ablation), ``none`` (routed experts frozen).
-        top_p: cumulative score each layer's selection must reach (paper: 0.2 token, 0.1 gate).
+        top_p: cumulative score each layer's selection must reach; default the paper's 0.2 for token (and
+            random), 0.1 for gate.
         max_tokens: non-padding task tokens to profile (paper: 2^17).
         expert_config: an existing ``expert_cfg.json``: applied as is, no profiling.
         shared_experts: also train shared experts.
@@ -41,7 +42,7 @@ class ExpertSelectionCallback(L.Callback):
     def __init__(
         self,
         score_function: ScoreFunction = "token",
-        top_p: float = 0.2,
+        top_p: float | None = None,
         max_tokens: int | None = 131072,
         expert_config: str | None = None,
         shared_experts: bool = False,
@@ -53,6 +54,8 @@ class ExpertSelectionCallback(L.Callback):
     ) -> None:
         if score_function not in ("token", "gate", "all", "random", "none"):
             raise ValueError(f"score_function must be token, gate, all, random or none, got {score_function!r}")
+        if top_p is None:
+            top_p = 0.1 if score_function == "gate" else 0.2
         self.score_function, self.top_p, self.max_tokens = score_function, top_p, max_tokens
         self.expert_config_path, self.profile_batch_size, self.seed = expert_config, profile_batch_size, seed
         self.flags = {"shared_experts": shared_experts, "non_expert_modules": non_expert_modules}

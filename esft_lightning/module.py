@@ -101,17 +101,13 @@ class ESFTModule(L.LightningModule):
             )
             get_family(model)
         else:
-            vocab = max(len(self.tokenizer), 1)
-            model = build_tiny_model(
-                self.family,
-                vocab_size=self.model_config.pop("vocab_size", vocab),
-                seed=self.seed,
-                **extra,
-                **self.model_config,
-            )
+            overrides = {"vocab_size": len(self.tokenizer), **self.model_config}
+            model = build_tiny_model(self.family, seed=self.seed, **extra, **overrides)
             model.to(self.param_dtype)
         if self.router_aux_loss_coef > 0:
             model.config.router_aux_loss_coef = self.router_aux_loss_coef
+            if hasattr(model, "router_aux_loss_coef"):  # the CausalLM copies the coefficient at init
+                model.router_aux_loss_coef = self.router_aux_loss_coef
         self.model = model
         return model
 
