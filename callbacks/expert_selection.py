@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from esft_lightning.adapters import save_adapter
 from esft_lightning.experts import apply_expert_config
+from esft_lightning.files import atomic_write_text
 from esft_lightning.models import find_moe_layers
 from esft_lightning.plots import routing_heatmap
 from esft_lightning.routing import RoutingProfile, profile_routing
@@ -64,6 +65,11 @@ class ExpertSelectionCallback(L.Callback):
         self.config: ExpertConfig | None = None
         self.resume_ckpt: str | None = None  # set by `esft fit --ckpt_path`: reuse that run's selection
 
+    @property
+    def score_kind(self) -> str:
+        """Which profile scores drive the selection: gate for ESFT-Gate, token otherwise (random too)."""
+        return "gate" if self.score_function == "gate" else "token"
+
     # -- deciding ------------------------------------------------------------------------------------
     def select(self, model: torch.nn.Module, task_batches: Any, world_size: int = 1) -> ExpertConfig:
         """Profile (when the score function needs it) and select; usable without a Trainer.
@@ -80,7 +86,7 @@ class ExpertSelectionCallback(L.Callback):
             return no_experts(num_experts, **self.flags, meta=meta)
         budget = None if self.max_tokens is None else -(-self.max_tokens // world_size)
         self.profile = profile_routing(model, task_batches, max_tokens=budget)
-        kind = "gate" if self.score_function == "gate" else "token"
+        kind = self.score_kind
         meta["num_tokens"] = self.profile.num_tokens
         config = select_experts(self.profile.scores(kind), self.top_p, **self.flags, meta=meta)
         if self.score_function == "random":
@@ -106,6 +112,8 @@ class ExpertSelectionCallback(L.Callback):
                 if dm is None or not hasattr(dm, "task_dataloader"):
                     raise ValueError("ExpertSelectionCallback needs a datamodule with task_dataloader() to profile")
                 dm.setup("fit")
+                if trainer.strategy.root_device.type != "cpu":  # profile where training will run, not on CPU
+                    model.to(trainer.strategy.root_device)
                 # Under several processes the loader's sampler gives each rank its share of the sequences;
                 # profile_routing all-reduces the sums, so every rank gets the same scores.
                 batches = dm.task_dataloader(self.profile_batch_size)
@@ -135,10 +143,10 @@ class ExpertSelectionCallback(L.Callback):
             return
         log_dir = Path(log_dir)
         config.save(log_dir / "expert_cfg.json")
+        kind = self.score_kind
         if self.profile is not None:
-            (log_dir / "expert_scores.json").write_text(json.dumps(self.profile.to_dict(), indent=1))
+            atomic_write_text(log_dir / "expert_scores.json", json.dumps(self.profile.to_dict(), indent=1))
             if self.plot:
-                kind = "gate" if self.score_function == "gate" else "token"
                 fig = routing_heatmap(
                     self.profile.scores(kind),
                     config,
@@ -164,9 +172,15 @@ def _check_same_on_all_ranks(trainer: L.Trainer, config: ExpertConfig) -> None:
 
 
 def _checkpoint_selection(ckpt_path: str | None) -> ExpertConfig | None:
+    """The expert selection stored in a Lightning checkpoint (a file, or a distributed checkpoint folder)."""
     if not ckpt_path or not Path(ckpt_path).exists():
         return None
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    path = Path(ckpt_path)
+    if path.is_dir():  # Lightning's distributed checkpoints keep the non-tensor state in meta.pt
+        path = path / "meta.pt"
+        if not path.exists():
+            return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=path.suffix != ".pt")
     saved = (checkpoint.get("esft") or {}).get("expert_config")
     return None if saved is None else ExpertConfig.from_dict(saved, source=str(ckpt_path))
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .experts import PROJECTIONS, TRAINED_PREFIX, remove_expert_split, validate_expert_config
+from .files import atomic_write_dir
 from .models import find_moe_layers
 from .selection import ExpertConfig
 
@@ -65,23 +65,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return path  # every rank gathered (collective); rank 0 writes
     config_dict = {**config.to_dict(), "model_type": model.config.model_type}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
-        save_file(
-            tensors,
-            str(tmp / WEIGHTS_FILE),
-            metadata={"format": "esft-lightning", "model_type": model.config.model_type},
-        )
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def fill(folder: Path) -> None:
+        (folder / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
+        metadata = {"format": "esft-lightning", "model_type": model.config.model_type}
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata=metadata)
+
+    atomic_write_dir(path, fill)
     return path
 
 
@@ -96,11 +86,9 @@ def _read_adapter(path: Path) -> tuple[ExpertConfig, dict[str, torch.Tensor], di
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     for f in files:
-        tensors.update(load_file(str(f)))
-        from safetensors import safe_open
-
         with safe_open(str(f), "pt") as handle:
             metadata.update(handle.metadata() or {})
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
     return config, _fuse_released_layout(tensors, config), metadata
 
 
@@ -115,7 +103,10 @@ def _fuse_released_layout(tensors: dict[str, torch.Tensor], config: ExpertConfig
             continue
         per_expert.setdefault(m["prefix"], {}).setdefault(int(m["expert"]), {})[m["proj"]] = t
     for prefix, experts in per_expert.items():
-        layer = int(re.search(r"layers\.(\d+)\.", prefix)[1])
+        found = re.search(r"layers\.(\d+)\.", prefix)
+        if found is None:
+            raise ValueError(f"adapter tensor {prefix}.*: no decoder layer index (layers.N) in its name")
+        layer = int(found[1])
         ids = config.experts.get(layer, [])
         if sorted(experts) != sorted(ids):
             raise ValueError(
@@ -145,7 +136,6 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> ExpertConfig
         raise ValueError(f"adapter {path} was trained on a {saved_type} model, not {model_type}")
     layers = find_moe_layers(base_model)
     validate_expert_config(layers, config)
-    remove_expert_split(base_model)
     params = dict(base_model.named_parameters())
     experts_names = {n: m for n, m in base_model.named_modules() if any(m is layer.experts for layer in layers)}
     index_of = {n: next(layer.index for layer in layers if layer.experts is m) for n, m in experts_names.items()}
@@ -167,6 +157,15 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> ExpertConfig
             writes.append((params[key], None, value))
         else:
             raise ValueError(f"adapter tensor {key} matches no parameter of this {model_type} model")
+    for name in experts_names:
+        if config.experts.get(index_of[name]):
+            missing = [p for p in PROJECTIONS if f"{name}.{p}" not in tensors]
+            if missing:
+                raise ValueError(
+                    f"adapter {path}: {CONFIG_FILE} selects experts in layer {index_of[name]}, "
+                    f"but the weights lack {name}.{missing[0]}"
+                )
+    remove_expert_split(base_model)  # only now: every check passed, the model is about to change
     for target, ids, value in writes:
         value = value.to(target.device, target.dtype)
         if ids is None:

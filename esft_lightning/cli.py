@@ -75,31 +75,27 @@ def _tool_main(command: str, argv: list[str]) -> None:
     parser.add_argument("--non_expert_modules", action="store_true")
     ns, rest = parser.parse_known_args(argv)
     cli = make_cli(rest, run=False)
-    from .routing import profile_routing
-    from .selection import select_experts
+    from .callbacks import ExpertSelectionCallback
+    from .files import atomic_write_text
 
     model = cli.model.build_model()
     cli.datamodule.tokenizer = cli.model.tokenizer
-    profile = profile_routing(model, cli.datamodule.task_dataloader(), max_tokens=ns.max_tokens)
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if command == "profile":
-        out.write_text(json.dumps(profile.to_dict(), indent=1))
-        print(f"scores of {len(profile.token_scores)} layers over {profile.num_tokens} tokens written to {out}")
-        return
-    top_p = ns.top_p if ns.top_p is not None else (0.2 if ns.score_function == "token" else 0.1)
-    meta = {
-        "score_function": ns.score_function,
-        "num_tokens": profile.num_tokens,
-        "model_type": model.config.model_type,
-    }
-    config = select_experts(
-        profile.scores(ns.score_function),
-        top_p,
+    selector = ExpertSelectionCallback(
+        score_function=ns.score_function,
+        top_p=ns.top_p,
+        max_tokens=ns.max_tokens,
         shared_experts=ns.shared_experts,
         non_expert_modules=ns.non_expert_modules,
-        meta=meta,
     )
+    config = selector.select(model, cli.datamodule.task_dataloader())
+    out = Path(ns.out)
+    if command == "profile":
+        atomic_write_text(out, json.dumps(selector.profile.to_dict(), indent=1))
+        print(
+            f"scores of {len(selector.profile.token_scores)} layers over {selector.profile.num_tokens} tokens "
+            f"written to {out}"
+        )
+        return
     config.save(out)
     print(f"{config.num_selected} experts in {len(config.experts)} layers selected; config written to {out}")
 

@@ -33,12 +33,13 @@ class ResumableSampler(Sampler[int]):
     """A seeded permutation per epoch that records how far it got, so a resumed run continues mid-epoch
     exactly where the killed one stopped (Lightning saves and restores the loader's state_dict).
 
-    Under torch.distributed each rank takes every world_size-th index of the same permutation (set the
-    trainer's ``use_distributed_sampler: false``, as configs/fsdp.yaml does, so this sampler is kept).
+    Under torch.distributed (and ``shard``) each rank takes every world_size-th index of the same
+    permutation. ESFTDataModule shards here only when the trainer's ``use_distributed_sampler`` is off (as
+    in configs/fsdp.yaml); otherwise Lightning wraps the sampler in its own distributed sampler.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+    def __init__(self, size: int, seed: int, shuffle: bool = True, shard: bool = True) -> None:
+        self.size, self.seed, self.shuffle, self.shard = size, seed, shuffle, shard
         self.epoch, self.yielded, self._skip = 0, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -47,7 +48,7 @@ class ResumableSampler(Sampler[int]):
     def _indices(self) -> list[int]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else None
         indices = list(range(self.size)) if order is None else order.tolist()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self.shard and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             per_rank = math.ceil(self.size / world)
             indices = (indices * 2)[: per_rank * world][rank::world]  # wrap so every rank gets as many
@@ -176,6 +177,14 @@ class ESFTDataModule(L.LightningDataModule):
             raise ValueError("ESFTDataModule needs at least one task source")
         if general_ratio < 0:
             raise ValueError(f"general_ratio must be >= 0, got {general_ratio}")
+        for group, sources in (("task", task), ("general", general or [])):
+            for i, source in enumerate(sources):
+                if not (isinstance(source.weight, (int, float)) and source.weight >= 0):
+                    raise ValueError(f"data.{group}[{i}].weight must be a number >= 0, got {source.weight!r}")
+            if sources and sum(s.weight for s in sources) <= 0 and (group == "task" or general_ratio > 0):
+                raise ValueError(
+                    f"data.{group} weights must sum to a positive number, got {[s.weight for s in sources]}"
+                )
         self.task, self.general = list(task), list(general or [])
         self.general_ratio, self.seq_length, self.batch_size = general_ratio, seq_length, batch_size
         self.packing, self.random_concat_ratio = packing, random_concat_ratio
@@ -262,11 +271,16 @@ class ESFTDataModule(L.LightningDataModule):
             drawn.extend(pool[j] for j in picks[:count])
         return [drawn[j] for j in rng.permutation(len(drawn))]
 
-    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, shuffle: bool, batch_size: int | None = None, shard: bool | None = None
+    ) -> DataLoader:
+        if shard is None:  # shard ourselves unless Lightning is going to wrap the sampler for distribution
+            trainer = self.trainer
+            shard = trainer is None or not trainer._accelerator_connector.use_distributed_sampler
         return ResumableDataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
-            sampler=ResumableSampler(len(dataset), self.seed, shuffle),
+            sampler=ResumableSampler(len(dataset), self.seed, shuffle, shard),
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )
@@ -282,7 +296,8 @@ class ESFTDataModule(L.LightningDataModule):
         if not self.train_sequences:
             self.setup("fit")
         seqs = [seq for s in self.task for seq in self.train_sequences[s.label]]
-        return self._loader(SequenceDataset(seqs), shuffle=False, batch_size=batch_size)
+        # Never wrapped by Lightning: each rank reads its share; profile_routing all-reduces the sums.
+        return self._loader(SequenceDataset(seqs), shuffle=False, batch_size=batch_size, shard=True)
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad to the longest sequence of the batch: pad id, label -100, attention mask 0."""

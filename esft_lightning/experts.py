@@ -156,9 +156,16 @@ def split_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """Experts forward with frozen and trained experts in separate tensors (same math as the stock one)."""
-    if getattr(self.config, "_experts_implementation", None) == "eager":
+    if getattr(self.config, "_experts_implementation", None) == "eager" or not _grouped_mm_available(hidden_states):
         return _split_eager(self, hidden_states, top_k_index, top_k_weights)
     return _split_grouped(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _grouped_mm_available(x: torch.Tensor) -> bool:
+    """torch has a grouped matmul kernel for this device (CPU from torch 2.9; CUDA from sm80)."""
+    if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 def _split_grouped(
@@ -172,7 +179,7 @@ def _split_grouped(
     group = torch.where(slots >= 0, num_experts + slots, expert_ids)
     group, order = torch.sort(group)
     counts = torch.bincount(group, minlength=num_experts + num_slots)
-    num_frozen = int(counts[:num_experts].sum())
+    num_frozen = int(counts[:num_experts].sum())  # one host sync per layer: grouped_mm needs the split point
     token_of_pair = order // top_k
     weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
     out = torch.zeros_like(hidden_states)

@@ -11,9 +11,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
-from .experts import trainable_summary
+from .experts import apply_expert_config, trainable_summary
 from .models import build_tiny_model, get_family
 from .selection import ExpertConfig
 from .sources import IGNORE_INDEX
@@ -71,8 +70,8 @@ class ESFTModule(L.LightningModule):
         self.model: nn.Module | None = None
         self.strict_loading = False  # small checkpoints hold only the trainable tensors
         self._step_started = 0.0
+        self._memory_reported = False
         self.val_loss = nn.ModuleDict()
-        self.val_ppl = nn.ModuleDict()
 
     # -- building --------------------------------------------------------------------------------
     def _load_tokenizer(self, path: str | None):
@@ -95,6 +94,10 @@ class ESFTModule(L.LightningModule):
         if self.model_path:
             from transformers import AutoModelForCausalLM
 
+            if not Path(self.model_path).is_dir():
+                raise FileNotFoundError(
+                    f"model directory {self.model_path!r} does not exist (models load from local directories only)"
+                )
             dtype = self.param_dtype
             model = AutoModelForCausalLM.from_pretrained(
                 self.model_path, trust_remote_code=self.trust_remote_code, dtype=dtype, **extra
@@ -108,6 +111,8 @@ class ESFTModule(L.LightningModule):
             model.config.router_aux_loss_coef = self.router_aux_loss_coef
             if hasattr(model, "router_aux_loss_coef"):  # the CausalLM copies the coefficient at init
                 model.router_aux_loss_coef = self.router_aux_loss_coef
+        if self.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         return model
 
@@ -132,8 +137,6 @@ class ESFTModule(L.LightningModule):
 
         dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if self.fsdp_bf16 else MixedPrecisionPolicy()
-        if self.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for layer in model.get_decoder().layers:
             fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
         fully_shard(model, mesh=dp_mesh, mp_policy=policy)
@@ -177,12 +180,13 @@ class ESFTModule(L.LightningModule):
         tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         elapsed = max(time.perf_counter() - self._step_started, 1e-9)
         self.log("train/tokens_per_sec", tokens / elapsed, prog_bar=True, batch_size=1)
-        if self.global_step == 1 and self.optimizers(use_pl_optimizer=False) is not None:
+        if self.global_step == 1 and not self._memory_reported:
             # After the first optimizer step (gradients not yet cleared): what this rank holds for training.
             memory = training_memory_bytes(self.model, self.optimizers(use_pl_optimizer=False))
             for logger in self.loggers:  # a one-off reading: straight to the loggers, not every n steps
                 logger.log_metrics({f"memory/{k}": float(v) for k, v in memory.items()}, step=self.global_step)
             print(f"ESFT memory rank {self.global_rank}: " + ", ".join(f"{k} {v}" for k, v in memory.items()))
+            self._memory_reported = True
 
     def _val_names(self) -> list[str]:
         dm = getattr(self.trainer, "datamodule", None)
@@ -192,16 +196,22 @@ class ESFTModule(L.LightningModule):
         for name in self._val_names():
             if name not in self.val_loss:
                 self.val_loss[name] = MeanMetric().to(self.device)
-                self.val_ppl[name] = Perplexity(ignore_index=IGNORE_INDEX).to(self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        name = self._val_names()[dataloader_idx]
-        loss, out = self._loss(batch)
+        loss, _ = self._loss(batch)
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        self.val_loss[name].update(loss.detach(), weight=tokens)
-        self.val_ppl[name].update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
-        self.log(f"val/{name}/loss", self.val_loss[name], add_dataloader_idx=False, batch_size=1)
-        self.log(f"val/{name}/ppl", self.val_ppl[name], add_dataloader_idx=False, batch_size=1)
+        self.val_loss[self._val_names()[dataloader_idx]].update(loss.detach(), weight=tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted mean loss per source (synchronised across ranks by torchmetrics); perplexity is
+        # its exponential, so no [B, T, vocab] copy of the logits is kept for a perplexity metric.
+        for name, metric in self.val_loss.items():
+            if metric.update_count == 0:
+                continue
+            loss = metric.compute()
+            self.log(f"val/{name}/loss", loss, add_dataloader_idx=False, batch_size=1)
+            self.log(f"val/{name}/ppl", torch.exp(loss), add_dataloader_idx=False, batch_size=1)
+            metric.reset()
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -234,15 +244,28 @@ class ESFTModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint fits this run; apply its expert selection if none is applied yet.
+
+        (validate / test / ``load_from_checkpoint`` and ``Trainer.fit(ckpt_path=...)`` without an
+        ExpertSelectionCallback all get the checkpoint's selection here, before its tensors load.)
+        """
         saved = checkpoint.get("esft")
         if saved is None:
             return
-        model_type = self.model.config.model_type
+        model = self.build_model()
+        model_type = model.config.model_type
         if saved["model_type"] != model_type:
             raise ValueError(f"checkpoint is for a {saved['model_type']} model, this run trains {model_type}")
         current = self.expert_config
-        if saved["expert_config"] is not None and (
-            current is None or ExpertConfig.from_dict(saved["expert_config"]).experts != current.experts
+        if saved["expert_config"] is not None and current is None:
+            if getattr(model, "_esft_sharded", False):
+                raise ValueError(
+                    "the model is already sharded without an expert selection: resume FSDP runs with "
+                    "`esft fit --ckpt_path ...` or ExpertSelectionCallback(expert_config=<the run's expert_cfg.json>)"
+                )
+            apply_expert_config(model, ExpertConfig.from_dict(saved["expert_config"], source="checkpoint"))
+        elif saved["expert_config"] is not None and (
+            ExpertConfig.from_dict(saved["expert_config"]).experts != current.experts
         ):
             raise ValueError(
                 "checkpoint was trained with a different expert selection than this run's: resume with the "

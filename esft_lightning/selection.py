@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import atomic_write_text
 
 Scores = Mapping[int, torch.Tensor | Sequence[float] | Mapping[Any, float]]
 
@@ -55,7 +56,7 @@ class ExpertConfig:
                 layer = int(key)
             except (TypeError, ValueError):
                 raise ValueError(f"{source}: experts key {key!r} is not a layer index") from None
-            if not isinstance(ids, list) or not all(isinstance(e, int) and e >= 0 for e in ids):
+            if not isinstance(ids, list) or not all(type(e) is int and e >= 0 for e in ids):
                 raise ValueError(f"{source}: experts[{key!r}] must be a list of non-negative ints, got {ids!r}")
             if len(set(ids)) != len(ids):
                 raise ValueError(f"{source}: experts[{key!r}] lists an expert twice: {ids}")
@@ -80,18 +81,6 @@ class ExpertConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
         return cls.from_dict(data, source=str(path))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _as_tensor(layer: int, values: torch.Tensor | Sequence[float] | Mapping[Any, float]) -> torch.Tensor:

@@ -70,7 +70,11 @@ def _chat_segments(messages: Any, where: str) -> list[tuple[str, bool, bool]]:
 def _assemble(
     segments: list[tuple[str, bool, bool]], encoded: list[list[int]], tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[int], list[int]]:
-    input_ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token: ESFT's template ends replies with it")
+    # Some tokenizers (Qwen's) have no BOS token: then the sequence starts with the first turn.
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
     for (_, is_assistant, trained), ids in zip(segments, encoded):
         if is_assistant:
             ids = [*ids, tokenizer.eos_token_id]

@@ -147,3 +147,15 @@ def test_interrupted_write_leaves_previous_adapter_intact(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_adapter_missing_a_selected_layer_is_rejected(tmp_path):
+    model = trained_model()
+    path = save_adapter(model, tmp_path / "a")
+    tensors = load_file(str(path / "adapter.safetensors"))
+    del tensors["model.layers.2.mlp.experts.down_proj"]
+    save_file(tensors, str(path / "adapter.safetensors"))
+    fresh = build_tiny_model("deepseek_v2")
+    with pytest.raises(ValueError, match="lack model.layers.2.mlp.experts.down_proj"):
+        load_adapter(fresh, path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), build_tiny_model("deepseek_v2").parameters()))

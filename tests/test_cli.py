@@ -154,3 +154,16 @@ def test_model_from_local_directory(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     assert module.tokenizer.encode("hi", add_special_tokens=False) == [104, 105]
     assert not loaded.config.to_dict().get("auto_map")
+
+
+def test_checkpoint_reloads_with_its_selection_outside_fit(tmp_path):
+    main(["fit", "--config", str(quick_config(tmp_path, steps=3))])
+    ckpt = tmp_path / "run/checkpoints/last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    module = ESFTModule.load_from_checkpoint(ckpt)  # no callback: the checkpoint brings its selection
+    assert module.expert_config.experts == ExpertConfig.from_dict(saved["esft"]["expert_config"]).experts
+    for name, tensor in saved["state_dict"].items():
+        assert torch.equal(module.get_parameter(name).detach(), tensor), name
+    main(["validate", "--config", str(quick_config(tmp_path, steps=3)), "--ckpt_path", str(ckpt)])
+    rows = list(csv.DictReader((log_dirs(tmp_path)[-1] / "metrics.csv").open()))
+    assert any(r.get("val/intent/loss") for r in rows)  # validated the checkpoint's trained experts

@@ -136,3 +136,18 @@ def test_esft_intent_train_set_tokenizes(esft_data, tmp_path):
     dm = ESFTDataModule(task=[Source(str(esft_data / "train/intent.jsonl"))], seq_length=512, cache_dir=str(tmp_path))
     dm.setup("fit")
     assert len(dm.train_dataset) > 1000
+
+
+def test_tokenizer_without_bos_token():
+    tok = byte_tokenizer()
+    tok.bos_token = None  # like Qwen's tokenizers
+    ids, labels = tokenize_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tok)
+    assert tok.decode(ids) == "User: a\n\nAssistant: b<eos>" and None not in ids and len(labels) == len(ids)
+
+
+def test_bad_mixture_weights_name_the_source(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("q", "a")])
+    with pytest.raises(ValueError, match=r"data.task\[1\].weight must be a number >= 0"):
+        ESFTDataModule(task=[Source(str(path)), Source(str(path), weight=-1)])
+    with pytest.raises(ValueError, match="data.general weights must sum to a positive number"):
+        ESFTDataModule(task=[Source(str(path))], general=[Source(str(path), weight=0)])
