@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -29,7 +30,7 @@ class ESFTCLI(LightningCLI):
                 cb.resume_ckpt = resolved
 
 
-def resolve_ckpt_path(trainer, ckpt: str) -> str | None:
+def resolve_ckpt_path(trainer: L.Trainer, ckpt: str) -> str | None:
     """Where `--ckpt_path` points ('last' looks in every ModelCheckpoint's dirpath), or None."""
     if ckpt != "last":
         return ckpt if Path(ckpt).exists() else None
@@ -43,6 +44,7 @@ def resolve_ckpt_path(trainer, ckpt: str) -> str | None:
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> ESFTCLI:
+    """The LightningCLI of `esft fit|validate|test` (``run=False``: only parse and instantiate)."""
     return ESFTCLI(
         ESFTModule,
         ESFTDataModule,
@@ -101,6 +103,7 @@ def _tool_main(command: str, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `esft` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:
         _tool_main(args[0], args[1:])

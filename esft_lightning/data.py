@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 
+import datasets
 import lightning as L
 import numpy as np
 import torch
@@ -57,7 +59,7 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(self._indices()) - self._skip
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         indices = self._indices()
         start, self._skip = self._skip, 0
         self.yielded = start
@@ -84,7 +86,7 @@ class ResumableDataLoader(DataLoader):
             self.sampler.load_state_dict(state)
 
 
-def _columns(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _columns(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flat token and label arrays plus per-sample offsets, straight from Arrow (no Python lists)."""
     ids = ds.data.column("input_ids").combine_chunks()
     labels = ds.data.column("labels").combine_chunks()
@@ -93,7 +95,12 @@ def _columns(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pack_sequences(
-    ds, indices: np.ndarray, seq_length: int, packing: str, rng: np.random.Generator, random_concat_ratio: float
+    ds: datasets.Dataset,
+    indices: np.ndarray,
+    seq_length: int,
+    packing: str,
+    rng: np.random.Generator,
+    random_concat_ratio: float,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Samples ``indices`` of ``ds`` -> sequences of at most ``seq_length``; returns (sequences, truncated).
 

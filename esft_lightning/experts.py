@@ -76,6 +76,7 @@ def apply_expert_config(model: nn.Module, config: ExpertConfig) -> dict[str, int
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameter counts (the small trained copies do not add to the total)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # The model's own size: the small esft_* copies are not extra model parameters.
     total = sum(p.numel() for n, p in model.named_parameters() if not _is_trained_copy(n))
@@ -92,6 +93,7 @@ def _is_trained_copy(name: str) -> bool:
 
 
 def has_split(experts: nn.Module) -> bool:
+    """Whether apply_expert_config installed frozen/trained split tensors on this experts module."""
     return hasattr(experts, "esft_expert_ids")
 
 

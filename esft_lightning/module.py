@@ -9,8 +9,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
+from transformers import PreTrainedTokenizerBase
 
 from .experts import apply_expert_config, trainable_summary
 from .models import build_tiny_model, get_family
@@ -74,7 +76,7 @@ class ESFTModule(L.LightningModule):
         self.val_loss = nn.ModuleDict()
 
     # -- building --------------------------------------------------------------------------------
-    def _load_tokenizer(self, path: str | None):
+    def _load_tokenizer(self, path: str | None) -> PreTrainedTokenizerBase:
         source = path or (self.model_path if self.model_path and _has_tokenizer(self.model_path) else None)
         if source:
             from transformers import AutoTokenizer
@@ -118,6 +120,7 @@ class ESFTModule(L.LightningModule):
 
     @property
     def param_dtype(self) -> torch.dtype:
+        """The dtype parameters are built or loaded in (``dtype``, with ``auto`` resolved)."""
         if self.dtype_name != "auto":
             return getattr(torch, self.dtype_name)
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -143,17 +146,22 @@ class ESFTModule(L.LightningModule):
         model._esft_sharded = True
         local = sum(_local_numel(p) * p.element_size() for p in model.parameters())
         full = sum(p.numel() * p.element_size() for p in model.parameters())
-        print(f"ESFT FSDP rank {self.global_rank}: parameter bytes {local} local of {full} ({local / full:.3f})")
+        print(
+            f"ESFT FSDP rank {self.global_rank}: parameter bytes {local} local of {full} ({local / full:.3f})",
+            flush=True,
+        )
 
     @property
     def expert_config(self) -> ExpertConfig | None:
+        """The expert selection applied to the model, if any."""
         return getattr(self.model, "esft_expert_config", None)
 
     # -- steps -----------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward (a transformers ``CausalLMOutput``), without a KV cache."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
-    def _loss(self, batch: dict[str, torch.Tensor], across_ranks: bool = False):
+    def _loss(self, batch: dict[str, torch.Tensor], across_ranks: bool = False) -> tuple[torch.Tensor, Any]:
         aux = {"output_router_logits": True} if self.router_aux_loss_coef > 0 else {}
         if across_ranks and self._trainer is not None and self.trainer.world_size > 1:
             # Data parallel averages gradients over ranks; normalising each rank's token-sum by the global
@@ -185,7 +193,11 @@ class ESFTModule(L.LightningModule):
             memory = training_memory_bytes(self.model, self.optimizers(use_pl_optimizer=False))
             for logger in self.loggers:  # a one-off reading: straight to the loggers, not every n steps
                 logger.log_metrics({f"memory/{k}": float(v) for k, v in memory.items()}, step=self.global_step)
-            print(f"ESFT memory rank {self.global_rank}: " + ", ".join(f"{k} {v}" for k, v in memory.items()))
+            line = f"ESFT memory rank {self.global_rank}: " + ", ".join(f"{k} {v}" for k, v in memory.items())
+            if self.trainer.world_size > 1:
+                print(line, flush=True)  # every rank's own shard sizes (rank_zero_info would show one)
+            else:
+                rank_zero_info(line)
             self._memory_reported = True
 
     def _val_names(self) -> list[str]:
@@ -214,7 +226,8 @@ class ESFTModule(L.LightningModule):
             metric.reset()
 
     # -- optimisation ----------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> Any:
+        """The optimizer (and scheduler) over the trainable parameters only."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters: the expert selection froze everything")
@@ -231,6 +244,8 @@ class ESFTModule(L.LightningModule):
 
     # -- small checkpoints ------------------------------------------------------------------------
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        """Once experts are selected (and ``save_trainable_only``): only the trainable tensors, for small
+        checkpoints. The Hugging Face model's own ``state_dict()`` stays complete."""
         if not self.save_trainable_only or self.model is None or self.expert_config is None:
             return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         return {prefix + n: p if keep_vars else p.detach() for n, p in self.named_parameters() if p.requires_grad}

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .selection import ExpertConfig
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def routing_heatmap(scores: dict[int, torch.Tensor], config: ExpertConfig, path: str | Path, title: str = ""):
+
+def routing_heatmap(scores: dict[int, torch.Tensor], config: ExpertConfig, path: str | Path, title: str = "") -> Figure:
     """Save a heatmap PNG to ``path`` and return the matplotlib figure (for loggers that take images)."""
     import matplotlib
 

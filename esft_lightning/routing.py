@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +27,7 @@ class RoutingProfile:
     meta: dict = field(default_factory=dict)
 
     def scores(self, score_function: str) -> dict[int, torch.Tensor]:
+        """The scores of ``token`` (ESFT-Token) or ``gate`` (ESFT-Gate)."""
         if score_function not in ("token", "gate"):
             raise ValueError(f"score_function must be 'token' or 'gate', got {score_function!r}")
         return self.token_scores if score_function == "token" else self.gate_scores
@@ -100,7 +101,7 @@ def profile_routing(
     accumulators = {layer.index: _LayerAccumulator(layer, device) for layer in layers}
     current: dict[str, torch.Tensor] = {}
 
-    def make_hook(acc: _LayerAccumulator):
+    def make_hook(acc: _LayerAccumulator) -> Callable[[nn.Module, tuple, tuple], None]:
         def hook(_module: nn.Module, _inputs: tuple, output: tuple) -> None:
             logits, _weights, topk_idx = output[0], output[1], output[2]
             acc(current["token_weight"], logits, topk_idx)

@@ -32,9 +32,11 @@ class ExpertConfig:
 
     @property
     def num_selected(self) -> int:
+        """Selected routed experts over all layers."""
         return sum(len(v) for v in self.experts.values())
 
     def to_dict(self) -> dict[str, Any]:
+        """ESFT's JSON object: string layer keys, plus our extra fields."""
         experts = {str(k): [int(e) for e in v] for k, v in sorted(self.experts.items())}
         return {
             "experts": experts,
@@ -45,6 +47,7 @@ class ExpertConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "expert config") -> ExpertConfig:
+        """Validate and read ESFT's JSON object; errors name ``source`` and the offending key."""
         if not isinstance(data, Mapping) or "experts" not in data:
             raise ValueError(f"{source}: expected a JSON object with an 'experts' key")
         raw = data["experts"]
@@ -73,6 +76,7 @@ class ExpertConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExpertConfig:
+        """Read an ``expert_cfg.json``; errors name the file (and line for malformed JSON)."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())

@@ -159,6 +159,7 @@ def tokenize_source(
 
 
 def default_cache_dir() -> Path:
+    """$ESFT_CACHE_DIR, else $XDG_CACHE_HOME/esft-lightning (~/.cache/esft-lightning)."""
     base = os.environ.get("ESFT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "esft-lightning"
     )

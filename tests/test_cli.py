@@ -167,3 +167,12 @@ def test_checkpoint_reloads_with_its_selection_outside_fit(tmp_path):
     main(["validate", "--config", str(quick_config(tmp_path, steps=3)), "--ckpt_path", str(ckpt)])
     rows = list(csv.DictReader((log_dirs(tmp_path)[-1] / "metrics.csv").open()))
     assert any(r.get("val/intent/loss") for r in rows)  # validated the checkpoint's trained experts
+
+
+def test_existing_expert_config_skips_profiling(tmp_path):
+    given = tmp_path / "given.json"
+    ExpertConfig({1: [4, 0, 9]}).save(given)
+    main(["fit", "--config", str(quick_config(tmp_path, steps=2, expert_config=str(given)))])
+    run = log_dirs(tmp_path)[-1]
+    assert ExpertConfig.load(run / "expert_cfg.json").experts == {1: [4, 0, 9]}
+    assert not (run / "expert_scores.json").exists()  # nothing was profiled

@@ -175,3 +175,9 @@ def test_unknown_architecture_lists_supported():
     )
     with pytest.raises(ValueError, match="Unsupported MoE architecture 'llama'.*deepseek_v3"):
         apply_expert_config(model, ExpertConfig({0: [0]}))
+
+
+def test_model_without_moe_layers_is_rejected():
+    model = build_tiny_model("qwen3_moe", mlp_only_layers=[0, 1])
+    with pytest.raises(ValueError, match="has no MoE layers"):
+        apply_expert_config(model, ExpertConfig({0: [0]}))
