@@ -151,3 +151,13 @@ def test_bad_mixture_weights_name_the_source(tmp_path):
         ESFTDataModule(task=[Source(str(path)), Source(str(path), weight=-1)])
     with pytest.raises(ValueError, match="data.general weights must sum to a positive number"):
         ESFTDataModule(task=[Source(str(path))], general=[Source(str(path), weight=0)])
+
+
+def test_random_concatenation_fills_sequences(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [chat(f"q{i}", f"a{i}") for i in range(200)])
+    plain = ESFTDataModule(task=[Source(str(path))], seq_length=256, packing="pad")
+    plain.setup("fit")
+    concat = ESFTDataModule(task=[Source(str(path))], seq_length=256, packing="pad", random_concat_ratio=1.0)
+    concat.setup("fit")
+    lengths = [len(ids) for ids, _ in concat.train_dataset.sequences]
+    assert max(lengths) <= 256 and np.mean(lengths) > 4 * np.mean([len(i) for i, _ in plain.train_dataset.sequences])

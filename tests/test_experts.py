@@ -181,3 +181,19 @@ def test_model_without_moe_layers_is_rejected():
     model = build_tiny_model("qwen3_moe", mlp_only_layers=[0, 1])
     with pytest.raises(ValueError, match="has no MoE layers"):
         apply_expert_config(model, ExpertConfig({0: [0]}))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_activation_checkpointing_gives_the_same_gradients(impl):
+    grads = []
+    for checkpointing in (False, True):
+        model = build_tiny_model("deepseek_v3", experts_implementation=impl)
+        apply_expert_config(model, selection(model, picks=(2, 7)))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = batch(4)
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
