@@ -283,7 +283,8 @@ class ESFTDataModule(L.LightningDataModule):
     ) -> DataLoader:
         if shard is None:  # shard ourselves unless Lightning is going to wrap the sampler for distribution
             trainer = self.trainer
-            shard = trainer is None or not trainer._accelerator_connector.use_distributed_sampler
+            connector = getattr(trainer, "_accelerator_connector", None)
+            shard = trainer is None or not getattr(connector, "use_distributed_sampler", True)
         return ResumableDataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
