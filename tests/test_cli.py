@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from esft_lightning import ESFTDataModule, ESFTModule, Source
 from esft_lightning.cli import main
-from esft_lightning.selection import ExpertConfig
+from esft_lightning.selection import ExpertConfig, select_experts
 
 from .conftest import FAMILIES, REPO, chat, write_jsonl
 
@@ -176,3 +176,41 @@ def test_existing_expert_config_skips_profiling(tmp_path):
     run = log_dirs(tmp_path)[-1]
     assert ExpertConfig.load(run / "expert_cfg.json").experts == {1: [4, 0, 9]}
     assert not (run / "expert_scores.json").exists()  # nothing was profiled
+
+
+@pytest.mark.parametrize("score_function", ["gate", "random", "all", "none"])
+def test_score_functions_and_baselines_through_the_callback(score_function, tmp_path):
+    data = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
+    module = ESFTModule(family="qwen2_moe")
+    dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0)
+    flags = {"shared_experts": True} if score_function == "none" else {}
+    callback = ExpertSelectionCallback(score_function, max_tokens=256, save_adapter=False, plot=False, **flags)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[callback],
+    )
+    trainer.fit(module, dm)
+    experts = callback.config.experts
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    if score_function == "all":
+        assert all(v == list(range(16)) for v in experts.values())
+        assert {n for n in trainable if "experts." in n} == {
+            f"model.layers.{k}.mlp.experts.{p}" for k in experts for p in ("gate_up_proj", "down_proj")
+        }
+    elif score_function == "none":
+        assert all(v == [] for v in experts.values()) and trainable
+        assert all("shared_expert" in n for n in trainable)
+    else:
+        assert callback.top_p == (0.1 if score_function == "gate" else 0.2)
+        assert all(v for v in experts.values())
+        assert trainable == {
+            f"model.layers.{k}.mlp.experts.esft_{p}" for k in experts for p in ("gate_up_proj", "down_proj")
+        }
+    if score_function == "random":
+        token = select_experts(callback.profile.token_scores, 0.2).experts
+        assert {k: len(v) for k, v in experts.items()} == {k: len(v) for k, v in token.items()}
