@@ -36,6 +36,8 @@ class ExpertSelectionCallback(L.Callback):
         non_expert_modules: also train attention, norms, routers, embeddings and the LM head.
         profile_batch_size: batch size for profiling (default: the datamodule's).
         seed: seed of the ``random`` baseline.
+        trainable_dtype: keep the selected experts' trainable copies (and their gradients and AdamW state)
+            in this dtype, e.g. ``float32`` for a bf16 model, so small updates are not rounded away.
         save_adapter: write the trained experts as an adapter to ``<log_dir>/adapter`` when fit ends.
         plot: write a routing heatmap PNG to the log dir (and to the logger, if it takes images).
     """
@@ -50,6 +52,7 @@ class ExpertSelectionCallback(L.Callback):
         non_expert_modules: bool = False,
         profile_batch_size: int | None = None,
         seed: int = 0,
+        trainable_dtype: str | None = None,
         save_adapter: bool = True,
         plot: bool = True,
     ) -> None:
@@ -61,6 +64,7 @@ class ExpertSelectionCallback(L.Callback):
         self.expert_config_path, self.profile_batch_size, self.seed = expert_config, profile_batch_size, seed
         self.flags = {"shared_experts": shared_experts, "non_expert_modules": non_expert_modules}
         self.write_adapter, self.plot = save_adapter, plot
+        self.trainable_dtype = None if trainable_dtype is None else getattr(torch, trainable_dtype)
         self.profile: RoutingProfile | None = None
         self.config: ExpertConfig | None = None
         self.resume_ckpt: str | None = None  # set by `esft fit --ckpt_path`: reuse that run's selection
@@ -119,7 +123,7 @@ class ExpertSelectionCallback(L.Callback):
                 batches = dm.task_dataloader(self.profile_batch_size)
             config = self.select(model, batches, trainer.world_size)
             _check_same_on_all_ranks(trainer, config)
-        summary = apply_expert_config(model, config)
+        summary = apply_expert_config(model, config, self.trainable_dtype)
         self.config = config
         self._report(trainer, pl_module, config, summary)
 

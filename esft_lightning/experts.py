@@ -42,12 +42,16 @@ def validate_expert_config(layers: list[MoELayer], config: ExpertConfig) -> None
             raise ValueError(f"expert config, layer {index}: an expert is listed twice: {ids}")
 
 
-def apply_expert_config(model: nn.Module, config: ExpertConfig) -> dict[str, int]:
+def apply_expert_config(
+    model: nn.Module, config: ExpertConfig, trainable_dtype: torch.dtype | None = None
+) -> dict[str, int]:
     """Freeze ``model`` except the experts ``config`` selects (and shared / non-expert modules if asked).
 
     Afterwards the parameters with ``requires_grad`` are exactly the selected experts' weights (as the
     small ``esft_*`` tensors), plus shared experts and non-expert modules when the config says so.
     Applying again first folds the previous selection's trained values back into the fused tensors.
+    ``trainable_dtype`` (e.g. ``torch.float32`` for a bf16 model) keeps the selected experts' trainable
+    copies, and so their gradients and AdamW state, in that dtype: small lr updates are not rounded away.
     Returns counts: trainable / total parameters and selected experts.
     """
     layers = find_moe_layers(model)
@@ -60,7 +64,7 @@ def apply_expert_config(model: nn.Module, config: ExpertConfig) -> dict[str, int
             for name in PROJECTIONS:  # every expert trains: the fused tensors themselves are the trainables
                 getattr(layer.experts, name).requires_grad_(True)
         elif ids:
-            _install_split(layer.experts, ids)
+            _install_split(layer.experts, ids, trainable_dtype)
     if config.shared_experts:
         for layer in layers:
             for module in layer.shared:
@@ -97,7 +101,7 @@ def has_split(experts: nn.Module) -> bool:
     return hasattr(experts, "esft_expert_ids")
 
 
-def _install_split(experts: nn.Module, ids: list[int]) -> None:
+def _install_split(experts: nn.Module, ids: list[int], dtype: torch.dtype | None = None) -> None:
     if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
         raise ValueError(f"{type(experts).__name__}: experts with biases or without a gate are not supported")
     device = experts.gate_up_proj.device
@@ -108,7 +112,8 @@ def _install_split(experts: nn.Module, ids: list[int]) -> None:
     experts.register_buffer("esft_slot_of_expert", slot_of_expert, persistent=False)
     for name in PROJECTIONS:
         full = getattr(experts, name)
-        experts.register_parameter(TRAINED_PREFIX + name, nn.Parameter(full.detach()[index].clone()))
+        trained = full.detach()[index].to(dtype or full.dtype, copy=True)
+        experts.register_parameter(TRAINED_PREFIX + name, nn.Parameter(trained))
     experts._esft_slots = list(slot_of_expert.tolist())
     experts._esft_hooks = [
         experts.register_state_dict_post_hook(_state_dict_with_trained_rows),
@@ -218,7 +223,7 @@ def _split_eager(
             gate_up, down = self.esft_gate_up_proj[slot], self.esft_down_proj[slot]
         else:
             gate_up, down = self.gate_up_proj[expert], self.down_proj[expert]
-        h = self._apply_gate(F.linear(hidden_states[token_idx], gate_up))
+        h = self._apply_gate(F.linear(hidden_states[token_idx].to(gate_up.dtype), gate_up))
         y = F.linear(h, down) * top_k_weights[token_idx, k_pos, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out

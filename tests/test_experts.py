@@ -197,3 +197,24 @@ def test_activation_checkpointing_gives_the_same_gradients(impl):
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fp32_trainable_copies_of_a_bf16_model_keep_small_updates():
+    changed = {}
+    for dtype in (None, torch.float32):
+        model = build_tiny_model("qwen3_moe").to(torch.bfloat16)
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        apply_expert_config(model, selection(model, picks=(1,)), trainable_dtype=dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == (dtype or torch.bfloat16) for p in params)
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        ids = batch()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        start = [original[f"model.layers.{i}.mlp.experts.gate_up_proj"][1] for i in (0, 1)]
+        trained = [model.model.layers[i].mlp.experts.esft_gate_up_proj[0].detach() for i in (0, 1)]
+        changed[dtype] = float(sum((t.float() != s.float()).float().mean() for t, s in zip(trained, start)) / 2)
+        sd = model.state_dict()
+        assert all(sd[k].dtype == original[k].dtype and sd[k].shape == original[k].shape for k in original)
+    assert changed[torch.float32] > 0.99  # every weight of the selected expert moved by ~lr
+    assert changed[None] < 0.5  # in bf16 most of those 1e-5 updates round away
