@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from .experts import apply_expert_config, trainable_summary
-from .models import build_tiny_model, get_family
+from .models import build_tiny_model, enable_activation_checkpointing, get_family
 from .selection import ExpertConfig
 from .sources import IGNORE_INDEX
 
@@ -114,7 +114,7 @@ class ESFTModule(L.LightningModule):
             if hasattr(model, "router_aux_loss_coef"):  # the CausalLM copies the coefficient at init
                 model.router_aux_loss_coef = self.router_aux_loss_coef
         if self.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         self.model = model
         return model
 

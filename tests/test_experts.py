@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from esft_lightning.experts import apply_expert_config, remove_expert_split
-from esft_lightning.models import build_tiny_model, find_moe_layers
+from esft_lightning.models import build_tiny_model, enable_activation_checkpointing, find_moe_layers
 from esft_lightning.selection import ExpertConfig
 
 from .conftest import FAMILIES
@@ -190,7 +190,8 @@ def test_activation_checkpointing_gives_the_same_gradients(impl):
         model = build_tiny_model("deepseek_v3", experts_implementation=impl)
         apply_expert_config(model, selection(model, picks=(2, 7)))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
+            assert model.is_gradient_checkpointing
         model.train()
         ids = batch(4)
         model(ids, labels=ids).loss.backward()

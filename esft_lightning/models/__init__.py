@@ -14,7 +14,15 @@ FAMILIES: dict[str, MoEFamily] = {
     m.FAMILY.model_type: m.FAMILY for m in (deepseek_v3, deepseek_v2, qwen3_moe, qwen2_moe, mixtral, olmoe)
 }
 
-__all__ = ["FAMILIES", "MoEFamily", "MoELayer", "get_family", "find_moe_layers", "build_tiny_model"]
+__all__ = [
+    "FAMILIES",
+    "MoEFamily",
+    "MoELayer",
+    "get_family",
+    "find_moe_layers",
+    "build_tiny_model",
+    "enable_activation_checkpointing",
+]
 
 
 def get_family(model_or_type: nn.Module | str) -> MoEFamily:
@@ -72,3 +80,11 @@ def build_tiny_model(
     torch.manual_seed(seed)
     extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
     return AutoModelForCausalLM.from_config(config, **extra)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant), whatever the transformers 5.x."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
