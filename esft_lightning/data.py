@@ -10,7 +10,7 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .sources import IGNORE_INDEX, Source, tokenize_messages, tokenize_source
 
@@ -31,33 +31,32 @@ class SequenceDataset(Dataset):
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler):
     """A seeded permutation per epoch that records how far it got, so a resumed run continues mid-epoch
     exactly where the killed one stopped (Lightning saves and restores the loader's state_dict).
 
-    Under torch.distributed (and ``shard``) each rank takes every world_size-th index of the same
-    permutation. ESFTDataModule shards here only when the trainer's ``use_distributed_sampler`` is off (as
-    in configs/fsdp.yaml); otherwise Lightning wraps the sampler in its own distributed sampler.
+    Under torch.distributed (with ``shard``) each rank takes every world_size-th index of the same
+    permutation. It is a DistributedSampler, so Lightning keeps it instead of wrapping it in its own.
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, shard: bool = True) -> None:
-        self.size, self.seed, self.shuffle, self.shard = size, seed, shuffle, shard
-        self.epoch, self.yielded, self._skip = 0, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        distributed = shard and torch.distributed.is_available() and torch.distributed.is_initialized()
+        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+        super().__init__(range(size), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+        self.size = size
+        self.yielded, self._skip = 0, 0
 
     def _indices(self) -> list[int]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else None
         indices = list(range(self.size)) if order is None else order.tolist()
-        if self.shard and torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            per_rank = math.ceil(self.size / world)
-            indices = (indices * 2)[: per_rank * world][rank::world]  # wrap so every rank gets as many
+        if self.num_replicas > 1:
+            per_rank = math.ceil(self.size / self.num_replicas)
+            indices = (indices * 2)[: per_rank * self.num_replicas][self.rank :: self.num_replicas]  # equal shares
         return indices
 
     def __len__(self) -> int:
-        return len(self._indices()) - self._skip
+        # The whole epoch, also right after a resume: Lightning counts the restored batches itself.
+        return len(self._indices())
 
     def __iter__(self) -> Iterator[int]:
         indices = self._indices()
@@ -281,10 +280,15 @@ class ESFTDataModule(L.LightningDataModule):
     def _loader(
         self, dataset: Dataset, shuffle: bool, batch_size: int | None = None, shard: bool | None = None
     ) -> DataLoader:
-        if shard is None:  # shard ourselves unless Lightning is going to wrap the sampler for distribution
-            trainer = self.trainer
-            connector = getattr(trainer, "_accelerator_connector", None)
-            shard = trainer is None or not getattr(connector, "use_distributed_sampler", True)
+        if self.num_workers > 0 and shuffle:
+            warnings.warn(
+                "num_workers > 0: a resumed run may skip the batches the workers had prefetched when the "
+                "checkpoint was written (exact mid-epoch resume needs num_workers: 0)",
+                stacklevel=2,
+            )
+        if shard is None:  # shard across ranks unless the user turned Lightning's distributed sampling off
+            connector = getattr(self.trainer, "_accelerator_connector", None)
+            shard = getattr(connector, "use_distributed_sampler", True)
         return ResumableDataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,

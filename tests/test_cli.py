@@ -67,13 +67,14 @@ def test_fit_end_to_end_writes_selection_heatmap_adapter_and_metrics(tmp_path):
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
-    main(["fit", "--config", str(quick_config(tmp_path / "a", steps=6))])
+    epoch = ["--data.num_train_sequences", "10"]  # 5 batches an epoch: the resumed run crosses an epoch end
+    main(["fit", "--config", str(quick_config(tmp_path / "a", steps=8)), *epoch])
     uninterrupted = load_file(str(log_dirs(tmp_path / "a")[-1] / "adapter" / "adapter.safetensors"))
     cfg = quick_config(tmp_path / "b", steps=4)  # stops after step 4; last checkpoint: step 3
-    main(["fit", "--config", str(cfg)])
+    main(["fit", "--config", str(cfg), *epoch])
     ckpt = tmp_path / "b/run/checkpoints/last.ckpt"
     (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
-    main(["fit", "--config", str(cfg), "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "8", "--ckpt_path", "last", *epoch])
     resumed = load_file(str(log_dirs(tmp_path / "b")[-1] / "adapter" / "adapter.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
