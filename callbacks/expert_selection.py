@@ -99,6 +99,11 @@ class ExpertSelectionCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
+            # validate / test: an explicit expert config is applied now (before FSDP shards the model);
+            # otherwise ESFTModule.on_load_checkpoint applies the checkpoint's own selection.
+            if self.expert_config_path:
+                config = ExpertConfig.load(self.expert_config_path)
+                apply_expert_config(pl_module.build_model(), config, self.trainable_dtype)
             return
         model = pl_module.build_model()
         resumed = _checkpoint_selection(self.resume_ckpt)
@@ -116,7 +121,10 @@ class ExpertSelectionCallback(L.Callback):
                 if dm is None or not hasattr(dm, "task_dataloader"):
                     raise ValueError("ExpertSelectionCallback needs a datamodule with task_dataloader() to profile")
                 dm.setup("fit")
-                if trainer.strategy.root_device.type != "cpu":  # profile where training will run, not on CPU
+                # Profile where training will run, not on CPU; except under ModelParallelStrategy, whose
+                # model may only fit once sharded (it then profiles where it was loaded).
+                sharded_later = type(trainer.strategy).__name__ == "ModelParallelStrategy"
+                if trainer.strategy.root_device.type != "cpu" and not sharded_later:
                     model.to(trainer.strategy.root_device)
                 # Under several processes the loader's sampler gives each rank its share of the sequences;
                 # profile_routing all-reduces the sums, so every rank gets the same scores.

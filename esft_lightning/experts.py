@@ -56,11 +56,21 @@ def apply_expert_config(
     """
     layers = find_moe_layers(model)
     validate_expert_config(layers, config)
+    if trainable_dtype is not None and (config.shared_experts or config.non_expert_modules):
+        model_dtypes = {p.dtype for p in model.parameters()} - {trainable_dtype}
+        if model_dtypes:
+            raise ValueError(
+                f"trainable_dtype={trainable_dtype} applies to routed experts only; with shared_experts or "
+                f"non_expert_modules the model's own {sorted(map(str, model_dtypes))} weights would train: load the "
+                "model in that dtype instead"
+            )
     remove_expert_split(model)
     model.requires_grad_(False)
     for layer in layers:
         ids = config.experts.get(layer.index, [])
-        if len(ids) == layer.num_experts and sorted(ids) == list(range(layer.num_experts)):
+        fused_dtype = layer.experts.gate_up_proj.dtype
+        every_expert = len(ids) == layer.num_experts and sorted(ids) == list(range(layer.num_experts))
+        if every_expert and trainable_dtype in (None, fused_dtype):
             for name in PROJECTIONS:  # every expert trains: the fused tensors themselves are the trainables
                 getattr(layer.experts, name).requires_grad_(True)
         elif ids:

@@ -17,6 +17,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; configs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -31,6 +32,7 @@ def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> P
     old = path.with_name(f".{path.name}.old")
     try:
         fill(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
         shutil.rmtree(old, ignore_errors=True)  # left by an earlier crash between the two renames
         if path.exists():
             os.replace(path, old)

@@ -165,7 +165,8 @@ class ESFTModule(L.LightningModule):
         aux = {"output_router_logits": True} if self.router_aux_loss_coef > 0 else {}
         if across_ranks and self._trainer is not None and self.trainer.world_size > 1:
             # Data parallel averages gradients over ranks; normalising each rank's token-sum by the global
-            # token count / world size makes that average the true per-token mean of the global batch.
+            # token count / world size makes that average the per-token mean of the global micro-batch.
+            # (Under gradient accumulation each micro-batch is still normalised by its own tokens.)
             tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
             aux["num_items_in_batch"] = self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
         out = self(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"], **aux)
@@ -180,8 +181,10 @@ class ESFTModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch, across_ranks=True)
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/ppl", torch.exp(loss.detach()), batch_size=size)
+        # Under data parallel each rank's loss is its token sum / (global tokens / world): the mean over
+        # ranks (sync_dist) is the global per-token loss.
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/ppl", torch.exp(loss.detach()), batch_size=size, sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -275,8 +278,9 @@ class ESFTModule(L.LightningModule):
         if saved["expert_config"] is not None and current is None:
             if getattr(model, "_esft_sharded", False):
                 raise ValueError(
-                    "the model is already sharded without an expert selection: resume FSDP runs with "
-                    "`esft fit --ckpt_path ...` or ExpertSelectionCallback(expert_config=<the run's expert_cfg.json>)"
+                    "the model is already sharded without an expert selection: under FSDP pass the run's "
+                    "expert_cfg.json as ExpertSelectionCallback(expert_config=...), "
+                    "or resume with `esft fit --ckpt_path`"
                 )
             apply_expert_config(model, ExpertConfig.from_dict(saved["expert_config"], source="checkpoint"))
         elif saved["expert_config"] is not None and (
@@ -288,7 +292,8 @@ class ESFTModule(L.LightningModule):
             )
         trainable = sorted(n for n, p in self.named_parameters() if p.requires_grad)
         # (FSDP strategies load the module state themselves and hand this hook a checkpoint without it.)
-        if self.save_trainable_only and "state_dict" in checkpoint and sorted(checkpoint["state_dict"]) != trainable:
+        small = self.save_trainable_only and saved["expert_config"] is not None and "state_dict" in checkpoint
+        if small and sorted(checkpoint["state_dict"]) != trainable:
             missing = sorted(set(trainable) - set(checkpoint["state_dict"]))[:5]
             raise ValueError(f"checkpoint does not match this model's trainable tensors (missing e.g. {missing})")
 

@@ -219,3 +219,14 @@ def test_fp32_trainable_copies_of_a_bf16_model_keep_small_updates():
         assert all(sd[k].dtype == original[k].dtype and sd[k].shape == original[k].shape for k in original)
     assert changed[torch.float32] > 0.99  # every weight of the selected expert moved by ~lr
     assert changed[None] < 0.5  # in bf16 most of those 1e-5 updates round away
+
+
+def test_trainable_dtype_with_whole_layers_and_with_shared_experts():
+    model = build_tiny_model("qwen2_moe").to(torch.bfloat16)
+    every = ExpertConfig({layer.index: list(range(16)) for layer in find_moe_layers(model)})
+    apply_expert_config(model, every, trainable_dtype=torch.float32)
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("esft_" in n and d == torch.float32 for n, d in trainable.items())
+    with pytest.raises(ValueError, match="applies to routed experts only"):
+        apply_expert_config(model, ExpertConfig({0: [1]}, shared_experts=True), trainable_dtype=torch.float32)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable)  # left as it was
