@@ -161,9 +161,10 @@ class ESFTModule(L.LightningModule):
         """The wrapped model's forward (a transformers ``CausalLMOutput``), without a KV cache."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
-    def _loss(self, batch: dict[str, torch.Tensor], across_ranks: bool = False) -> tuple[torch.Tensor, Any]:
-        aux = {"output_router_logits": True} if self.router_aux_loss_coef > 0 else {}
-        if across_ranks and self._trainer is not None and self.trainer.world_size > 1:
+    def _loss(self, batch: dict[str, torch.Tensor], training: bool = False) -> tuple[torch.Tensor, Any]:
+        """Causal-LM loss; in training also the router aux loss and the data-parallel token normalisation."""
+        aux = {"output_router_logits": True} if training and self.router_aux_loss_coef > 0 else {}
+        if training and self._trainer is not None and self.trainer.world_size > 1:
             # Data parallel averages gradients over ranks; normalising each rank's token-sum by the global
             # token count / world size makes that average the per-token mean of the global micro-batch.
             # (Under gradient accumulation each micro-batch is still normalised by its own tokens.)
@@ -171,7 +172,7 @@ class ESFTModule(L.LightningModule):
             aux["num_items_in_batch"] = self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
         out = self(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"], **aux)
         loss = out.loss
-        if self.router_aux_loss_coef > 0 and getattr(out, "aux_loss", None) is None:
+        if aux and getattr(out, "aux_loss", None) is None:
             raise ValueError(f"{self.model.config.model_type} computes no router aux loss; set router_aux_loss_coef: 0")
         return loss, out
 
@@ -179,7 +180,7 @@ class ESFTModule(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch, across_ranks=True)
+        loss, _ = self._loss(batch, training=True)
         size = batch["input_ids"].shape[0]
         # Under data parallel each rank's loss is its token sum / (global tokens / world): the mean over
         # ranks (sync_dist) is the global per-token loss.

@@ -17,13 +17,14 @@ def test_router_aux_loss_is_added_when_asked():
     plain = ESFTModule(family="mixtral")
     with_aux = ESFTModule(family="mixtral", router_aux_loss_coef=0.5)
     plain.build_model(), with_aux.build_model()
-    base, _ = plain._loss(batch())
-    total, out = with_aux._loss(batch())
+    base, _ = plain._loss(batch(), training=True)
+    total, out = with_aux._loss(batch(), training=True)
+    torch.testing.assert_close(with_aux._loss(batch())[0], base)  # validation loss: no aux term
     torch.testing.assert_close(total, base + 0.5 * out.aux_loss)
     no_aux = ESFTModule(family="deepseek_v3", router_aux_loss_coef=0.5)
     no_aux.build_model()
     with pytest.raises(ValueError, match="computes no router aux loss"):
-        no_aux._loss(batch())
+        no_aux._loss(batch(), training=True)
 
 
 def test_dtype_auto_is_float32_on_cpu_and_explicit_dtype_is_used():
