@@ -172,7 +172,7 @@ class ESFTModule(L.LightningModule):
             aux["num_items_in_batch"] = self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
         out = self(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"], **aux)
         loss = out.loss
-        if aux and getattr(out, "aux_loss", None) is None:
+        if "output_router_logits" in aux and getattr(out, "aux_loss", None) is None:
             raise ValueError(f"{self.model.config.model_type} computes no router aux loss; set router_aux_loss_coef: 0")
         return loss, out
 
