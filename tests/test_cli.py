@@ -47,6 +47,23 @@ def quick_config(tmp_path: Path, steps: int = 6, **callback_args) -> Path:
     return path
 
 
+def fit_one_step(module: ESFTModule, callback: ExpertSelectionCallback, tmp_path: Path) -> L.Trainer:
+    """One training step of ``module`` on 16 small chat records, expert selection by ``callback``."""
+    data = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
+    dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[callback],
+    )
+    trainer.fit(module, dm)
+    return trainer
+
+
 def log_dirs(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "run" / "logs").glob("version_*"))
 
@@ -122,19 +139,8 @@ def test_profile_and_select_commands(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_trains_one_step_in_lightning(family, tmp_path):
-    data = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
     module = ESFTModule(family=family, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-    dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0)
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        callbacks=[ExpertSelectionCallback(max_tokens=256, save_adapter=False, plot=False)],
-    )
-    trainer.fit(module, dm)
+    trainer = fit_one_step(module, ExpertSelectionCallback(max_tokens=256, save_adapter=False, plot=False), tmp_path)
     trained = [p for n, p in module.model.named_parameters() if p.requires_grad]
     assert trained and all("esft_" in n for n, p in module.model.named_parameters() if p.requires_grad)
     assert trainer.global_step == 1
@@ -181,21 +187,10 @@ def test_existing_expert_config_skips_profiling(tmp_path):
 
 @pytest.mark.parametrize("score_function", ["gate", "random", "all", "none"])
 def test_score_functions_and_baselines_through_the_callback(score_function, tmp_path):
-    data = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
     module = ESFTModule(family="qwen2_moe")
-    dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0)
     flags = {"shared_experts": True} if score_function == "none" else {}
     callback = ExpertSelectionCallback(score_function, max_tokens=256, save_adapter=False, plot=False, **flags)
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        callbacks=[callback],
-    )
-    trainer.fit(module, dm)
+    fit_one_step(module, callback, tmp_path)
     experts = callback.config.experts
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
     if score_function == "all":
