@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
+from typing import Literal
 
 import datasets
 import lightning as L
@@ -168,7 +169,7 @@ class ESFTDataModule(L.LightningDataModule):
         general_ratio: float = 1.0,
         seq_length: int = 512,
         batch_size: int = 4,
-        packing: str = "pack",
+        packing: Literal["pack", "pad"] = "pack",
         random_concat_ratio: float = 0.0,
         val_fraction: float = 0.05,
         max_val_sequences: int = 64,
