@@ -8,12 +8,14 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from esft_lightning.adapters import save_adapter
+from esft_lightning.distributed import is_fsdp2
 from esft_lightning.experts import apply_expert_config
 from esft_lightning.files import atomic_write_text
 from esft_lightning.models import find_moe_layers
+from esft_lightning.placement import Placement, placed_for_profiling
 from esft_lightning.plots import routing_heatmap
 from esft_lightning.routing import RoutingProfile, profile_routing
 from esft_lightning.selection import ExpertConfig, all_experts, no_experts, random_experts, select_experts
@@ -36,8 +38,12 @@ class ExpertSelectionCallback(L.Callback):
         non_expert_modules: also train attention, norms, routers, embeddings and the LM head.
         profile_batch_size: batch size for profiling (default: the datamodule's).
         seed: seed of the ``random`` baseline.
-        trainable_dtype: keep the selected experts' trainable copies (and their gradients and AdamW state)
-            in this dtype, e.g. ``float32`` for a bf16 model, so small updates are not rounded away.
+        trainable_dtype: dtype of the selected experts' trainable copies (and so of their gradients and AdamW
+            state). ``auto`` (default): ``float32`` when the routed experts are stored in 16 bits (bf16 would
+            round most lr 1e-5 updates away), else the experts' own dtype. An explicit dtype always wins.
+        placement: where rank 0 profiles when the model is not on the training device yet: ``auto`` moves the
+            model to the GPU when it fits and otherwise streams each layer's weights from host memory
+            (``offload``); ``move`` always moves it.
         save_adapter: write the trained experts as an adapter to ``<log_dir>/adapter`` when fit ends.
         plot: write a routing heatmap PNG to the log dir (and to the logger, if it takes images).
     """
@@ -52,9 +58,10 @@ class ExpertSelectionCallback(L.Callback):
         non_expert_modules: bool = False,
         profile_batch_size: int | None = None,
         seed: int = 0,
-        trainable_dtype: str | None = None,
+        trainable_dtype: str | None = "auto",
         save_adapter: bool = True,
         plot: bool = True,
+        placement: Placement = "auto",
     ) -> None:
         if score_function not in ("token", "gate", "all", "random", "none"):
             raise ValueError(f"score_function must be token, gate, all, random or none, got {score_function!r}")
@@ -64,7 +71,11 @@ class ExpertSelectionCallback(L.Callback):
         self.expert_config_path, self.profile_batch_size, self.seed = expert_config, profile_batch_size, seed
         self.flags = {"shared_experts": shared_experts, "non_expert_modules": non_expert_modules}
         self.write_adapter, self.plot = save_adapter, plot
-        self.trainable_dtype = None if trainable_dtype is None else getattr(torch, trainable_dtype)
+        if trainable_dtype not in (None, "auto") and not isinstance(getattr(torch, trainable_dtype, None), torch.dtype):
+            raise ValueError(
+                f"trainable_dtype must be auto or a torch dtype name such as float32, got {trainable_dtype!r}"
+            )
+        self.trainable_dtype_name, self.placement = trainable_dtype, placement
         self.profile: RoutingProfile | None = None
         self.config: ExpertConfig | None = None
         self.resume_ckpt: str | None = None  # set by `esft fit --ckpt_path`: reuse that run's selection
@@ -75,10 +86,18 @@ class ExpertSelectionCallback(L.Callback):
         return "gate" if self.score_function == "gate" else "token"
 
     # -- deciding ------------------------------------------------------------------------------------
-    def select(self, model: torch.nn.Module, task_batches: Any, world_size: int = 1) -> ExpertConfig:
+    def select(
+        self,
+        model: torch.nn.Module,
+        task_batches: Any,
+        world_size: int = 1,
+        device: torch.device | None = None,
+        all_reduce: bool | None = None,
+    ) -> ExpertConfig:
         """Profile (when the score function needs it) and select; usable without a Trainer.
 
-        With ``world_size`` > 1 each rank profiles its share of ``max_tokens``; the sums are all-reduced.
+        ``device``: where to profile (default: where the model is; see ``placement``). With ``world_size`` > 1
+        and ``all_reduce`` each rank profiles its share of ``max_tokens`` and the sums are all-reduced.
         """
         if self.expert_config_path:
             return ExpertConfig.load(self.expert_config_path)
@@ -89,7 +108,9 @@ class ExpertSelectionCallback(L.Callback):
         if self.score_function == "none":
             return no_experts(num_experts, **self.flags, meta=meta)
         budget = None if self.max_tokens is None else -(-self.max_tokens // world_size)
-        self.profile = profile_routing(model, task_batches, max_tokens=budget)
+        device = next(model.parameters()).device if device is None else device
+        with placed_for_profiling(model, device, self.placement, keep=False) as where:
+            self.profile = profile_routing(model, task_batches, max_tokens=budget, device=where, all_reduce=all_reduce)
         kind = self.score_kind
         meta["num_tokens"] = self.profile.num_tokens
         config = select_experts(self.profile.scores(kind), self.top_p, **self.flags, meta=meta)
@@ -97,17 +118,39 @@ class ExpertSelectionCallback(L.Callback):
             config = random_experts(config, num_experts, seed=self.seed)
         return config
 
+    def trainable_dtype(
+        self, model: torch.nn.Module, config: ExpertConfig, saved: str | None = None
+    ) -> torch.dtype | None:
+        """The dtype of the trainable expert copies (``saved``: the choice recorded in a resumed checkpoint)."""
+        name = self.trainable_dtype_name
+        if name not in (None, "auto"):
+            return getattr(torch, name)
+        if saved is not None:
+            return getattr(torch, saved.removeprefix("torch."))
+        if name is None:
+            return None
+        dtype = resolve_trainable_dtype(model)
+        if dtype is not None and (config.shared_experts or config.non_expert_modules):
+            rank_zero_warn(
+                "ESFT: shared_experts / non_expert_modules train the model's own 16-bit weights, so the selected "
+                "experts train in the model's dtype too (load the model in float32 to train everything in fp32)"
+            )
+            return None
+        return dtype
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             # validate / test: an explicit expert config is applied now (before FSDP shards the model);
             # otherwise ESFTModule.on_load_checkpoint applies the checkpoint's own selection.
             if self.expert_config_path:
-                config = ExpertConfig.load(self.expert_config_path)
-                apply_expert_config(pl_module.build_model(), config, self.trainable_dtype)
+                model, config = pl_module.build_model(), ExpertConfig.load(self.expert_config_path)
+                apply_expert_config(model, config, self.trainable_dtype(model, config))
             return
         model = pl_module.build_model()
-        resumed = _checkpoint_selection(self.resume_ckpt)
+        saved = _checkpoint_esft_state(self.resume_ckpt)
+        resumed = None if saved is None or saved.get("expert_config") is None else saved["expert_config"]
         if resumed is not None:
+            resumed = ExpertConfig.from_dict(resumed, source=str(self.resume_ckpt))
             if self.expert_config_path and ExpertConfig.load(self.expert_config_path).experts != resumed.experts:
                 raise ValueError(
                     f"{self.expert_config_path} differs from the selection of the checkpoint being resumed"
@@ -115,25 +158,41 @@ class ExpertSelectionCallback(L.Callback):
             config = resumed
             rank_zero_info("ESFT: resuming with the checkpoint's expert selection (no profiling)")
         else:
-            dm = trainer.datamodule
-            batches = None
-            if self.score_function in ("token", "gate", "random") and not self.expert_config_path:
-                if dm is None or not hasattr(dm, "task_dataloader"):
-                    raise ValueError("ExpertSelectionCallback needs a datamodule with task_dataloader() to profile")
-                dm.setup("fit")
-                # Profile where training will run, not on CPU; except under ModelParallelStrategy, whose
-                # model may only fit once sharded (it then profiles where it was loaded).
-                sharded_later = type(trainer.strategy).__name__ == "ModelParallelStrategy"
-                if trainer.strategy.root_device.type != "cpu" and not sharded_later:
-                    model.to(trainer.strategy.root_device)
-                # Under several processes the loader's sampler gives each rank its share of the sequences;
-                # profile_routing all-reduces the sums, so every rank gets the same scores.
-                batches = dm.task_dataloader(self.profile_batch_size)
-            config = self.select(model, batches, trainer.world_size)
-            _check_same_on_all_ranks(trainer, config)
-        summary = apply_expert_config(model, config, self.trainable_dtype)
+            config = self._decide(trainer, model)
+        dtype = self.trainable_dtype(model, config, None if saved is None else saved.get("trainable_dtype"))
+        summary = apply_expert_config(model, config, dtype)
         self.config = config
         self._report(trainer, pl_module, config, summary)
+
+    def _decide(self, trainer: L.Trainer, model: torch.nn.Module) -> ExpertConfig:
+        """Profile and select. With several processes rank 0 profiles alone, on its training device (the
+        other ranks may hold only a meta-device model), and broadcasts the config to every rank."""
+        needs_data = self.score_function in ("token", "gate", "random") and not self.expert_config_path
+        dm = trainer.datamodule
+        if needs_data and (dm is None or not hasattr(dm, "task_dataloader")):
+            raise ValueError("ExpertSelectionCallback needs a datamodule with task_dataloader() to profile")
+        if needs_data:
+            dm.setup("fit")
+        device = trainer.strategy.root_device
+        if trainer.world_size <= 1:
+            batches = dm.task_dataloader(self.profile_batch_size) if needs_data else None
+            # Single process: the model stays on the training device afterwards (training moves it anyway).
+            if device.type != "cpu" and not is_fsdp2(trainer.strategy):
+                model.to(device)
+            return self.select(model, batches, device=device, all_reduce=False)
+        outcome: Any = None
+        if trainer.is_global_zero:
+            try:
+                batches = dm.task_dataloader(self.profile_batch_size, shard=False) if needs_data else None
+                outcome = self.select(model, batches, device=device, all_reduce=False)
+            except Exception as error:  # every rank must leave the broadcast, then fail with rank 0's error
+                outcome = RuntimeError(f"rank 0 failed to select experts: {type(error).__name__}: {error}")
+                outcome.__cause__ = error
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        rank_zero_info(f"ESFT: rank 0 selected {outcome.num_selected} experts; broadcast to {trainer.world_size} ranks")
+        return outcome
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, config: ExpertConfig, summary: dict) -> None:
         share = summary["trainable_params"] / max(summary["total_params"], 1)
@@ -173,18 +232,15 @@ class ExpertSelectionCallback(L.Callback):
             rank_zero_info(f"ESFT: adapter written to {path}")
 
 
-def _check_same_on_all_ranks(trainer: L.Trainer, config: ExpertConfig) -> None:
-    if trainer.world_size <= 1:
-        return
-    gathered: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(gathered, config.experts)
-    if any(g != config.experts for g in gathered):
-        raise RuntimeError(f"ranks selected different experts: {gathered}")
-    rank_zero_info(f"ESFT: the same {config.num_selected} experts selected on all {trainer.world_size} ranks")
+def resolve_trainable_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """``trainable_dtype: auto``: fp32 trainable copies when the routed experts are stored in 16 bits."""
+    layers = find_moe_layers(model)
+    stored = next(layers[0].experts.parameters()).dtype
+    return torch.float32 if stored in (torch.bfloat16, torch.float16) else None
 
 
-def _checkpoint_selection(ckpt_path: str | None) -> ExpertConfig | None:
-    """The expert selection stored in a Lightning checkpoint (a file, or a distributed checkpoint folder)."""
+def _checkpoint_esft_state(ckpt_path: str | None) -> dict | None:
+    """The ``esft`` entry (selection, trainable dtype) of a Lightning checkpoint file or distributed folder."""
     if not ckpt_path or not Path(ckpt_path).exists():
         return None
     path = Path(ckpt_path)
@@ -193,8 +249,7 @@ def _checkpoint_selection(ckpt_path: str | None) -> ExpertConfig | None:
         if not path.exists():
             return None
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=path.suffix != ".pt")
-    saved = (checkpoint.get("esft") or {}).get("expert_config")
-    return None if saved is None else ExpertConfig.from_dict(saved, source=str(ckpt_path))
+    return checkpoint.get("esft")
 
 
 def _log_figure(trainer: L.Trainer, fig: Any) -> None:

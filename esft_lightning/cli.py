@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -13,6 +14,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from .data import ESFTDataModule
 from .module import ESFTModule
+
+if TYPE_CHECKING:
+    from .callbacks import ExpertSelectionCallback
 
 TOOLS = ("profile", "select", "merge")
 
@@ -70,36 +74,55 @@ def _tool_main(command: str, argv: list[str]) -> None:
     parser.add_argument(
         "--out", required=True, help="output file (scores JSON for profile, expert_cfg.json for select)"
     )
-    parser.add_argument("--score_function", choices=["token", "gate"], default="token")
+    # Unset flags keep the config's ExpertSelectionCallback settings (or the callback's defaults).
+    parser.add_argument("--score_function", choices=["token", "gate"], default=None)
     parser.add_argument("--top_p", type=float, default=None, help="default: 0.2 token, 0.1 gate")
-    parser.add_argument("--max_tokens", type=int, default=131072)
-    parser.add_argument("--shared_experts", action="store_true")
-    parser.add_argument("--non_expert_modules", action="store_true")
+    parser.add_argument("--max_tokens", type=int, default=None)
+    parser.add_argument("--shared_experts", action="store_true", default=None)
+    parser.add_argument("--non_expert_modules", action="store_true", default=None)
     ns, rest = parser.parse_known_args(argv)
     cli = make_cli(rest, run=False)
-    from .callbacks import ExpertSelectionCallback
     from .files import atomic_write_text
 
     model = cli.model.build_model()
     cli.datamodule.tokenizer = cli.model.tokenizer
-    selector = ExpertSelectionCallback(
-        score_function=ns.score_function,
-        top_p=ns.top_p,
-        max_tokens=ns.max_tokens,
-        shared_experts=ns.shared_experts,
-        non_expert_modules=ns.non_expert_modules,
-    )
-    config = selector.select(model, cli.datamodule.task_dataloader())
+    selector = configured_selector(cli.trainer, vars(ns))
+    device = cli.trainer.strategy.root_device  # profile where training would run (the GPU when there is one)
+    config = selector.select(model, cli.datamodule.task_dataloader(selector.profile_batch_size), device=device)
     out = Path(ns.out)
     if command == "profile":
         atomic_write_text(out, json.dumps(selector.profile.to_dict(), indent=1))
         print(
             f"scores of {len(selector.profile.token_scores)} layers over {selector.profile.num_tokens} tokens "
-            f"written to {out}"
+            f"on {device} written to {out}"
         )
         return
     config.save(out)
     print(f"{config.num_selected} experts in {len(config.experts)} layers selected; config written to {out}")
+
+
+def configured_selector(trainer: L.Trainer, overrides: dict) -> ExpertSelectionCallback:
+    """The config's ExpertSelectionCallback (or a default one) with the command line's explicit settings."""
+    from .callbacks import ExpertSelectionCallback
+
+    found = next((cb for cb in trainer.callbacks if isinstance(cb, ExpertSelectionCallback)), None)
+    selector = found or ExpertSelectionCallback()
+    score_function = overrides.get("score_function") or selector.score_function
+    if score_function not in ("token", "gate"):
+        score_function = "token"  # all / none / random need no profile: `profile` and `select` score by tokens
+    top_p = overrides.get("top_p")
+    if top_p is None:
+        top_p = (
+            selector.top_p if score_function == selector.score_function else (0.1 if score_function == "gate" else 0.2)
+        )
+    selector.score_function, selector.top_p = score_function, top_p
+    if overrides.get("max_tokens") is not None:
+        selector.max_tokens = overrides["max_tokens"]
+    for flag in ("shared_experts", "non_expert_modules"):
+        if overrides.get(flag):
+            selector.flags[flag] = True
+    selector.expert_config_path = None  # profile / select always profile
+    return selector
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -304,13 +304,15 @@ class ESFTDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(SequenceDataset(self.val_sequences[n]), shuffle=False) for n in self.val_names]
 
-    def task_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """Task-only training sequences (no general data), in a fixed order: what routing profiling reads."""
+    def task_dataloader(self, batch_size: int | None = None, shard: bool = True) -> DataLoader:
+        """Task-only training sequences (no general data), in a fixed order: what routing profiling reads.
+
+        ``shard``: under torch.distributed each rank reads its share (``False``: every sequence, for a
+        rank that profiles alone)."""
         if not self.train_sequences:
             self.setup("fit")
         seqs = [seq for s in self.task for seq in self.train_sequences[s.label]]
-        # Never wrapped by Lightning: each rank reads its share; profile_routing all-reduces the sums.
-        return self._loader(SequenceDataset(seqs), shuffle=False, batch_size=batch_size, shard=True)
+        return self._loader(SequenceDataset(seqs), shuffle=False, batch_size=batch_size, shard=shard)
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad to the longest sequence of the batch: pad id, label -100, attention mask 0."""

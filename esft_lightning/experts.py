@@ -115,16 +115,19 @@ def _install_split(experts: nn.Module, ids: list[int], dtype: torch.dtype | None
     if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
         raise ValueError(f"{type(experts).__name__}: experts with biases or without a gate are not supported")
     device = experts.gate_up_proj.device
+    slots = [-1] * experts.num_experts
+    for slot, expert in enumerate(ids):
+        slots[expert] = slot
+    # Built from Python lists, so this also works on a meta-device model (FSDP ranks other than 0).
     index = torch.tensor(ids, dtype=torch.long, device=device)
-    slot_of_expert = torch.full((experts.num_experts,), -1, dtype=torch.long, device=device)
-    slot_of_expert[index] = torch.arange(len(ids), device=device)
+    slot_of_expert = torch.tensor(slots, dtype=torch.long, device=device)
     experts.register_buffer("esft_expert_ids", index, persistent=False)
     experts.register_buffer("esft_slot_of_expert", slot_of_expert, persistent=False)
     for name in PROJECTIONS:
         full = getattr(experts, name)
         trained = full.detach()[index].to(dtype or full.dtype, copy=True)
         experts.register_parameter(TRAINED_PREFIX + name, nn.Parameter(trained))
-    experts._esft_slots = list(slot_of_expert.tolist())
+    experts._esft_slots = slots
     experts._esft_hooks = [
         experts.register_state_dict_post_hook(_state_dict_with_trained_rows),
         experts.register_load_state_dict_pre_hook(_load_trained_rows),

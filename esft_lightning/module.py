@@ -14,6 +14,16 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from .distributed import (
+    allow_unused_experts_under_ddp,
+    broadcast_from_rank0,
+    current_host_bytes,
+    data_parallel_mesh,
+    is_fsdp2,
+    peak_host_bytes,
+    persistent_state,
+    shard_model,
+)
 from .experts import apply_expert_config, trainable_summary
 from .models import build_tiny_model, enable_activation_checkpointing, get_family
 from .selection import ExpertConfig
@@ -38,7 +48,8 @@ class ESFTModule(L.LightningModule):
         lr_scheduler: optional scheduler (the paper uses a constant rate).
         router_aux_loss_coef: weight of the model's router load-balancing loss (0: off; routers are frozen).
         save_trainable_only: Lightning checkpoints hold only trainable tensors (plus optimizer state).
-        fsdp_bf16: under FSDP2 (ModelParallelStrategy), compute in bf16 with fp32 sharded parameters.
+        fsdp_bf16: under FSDP2 (ModelParallelStrategy), compute in bf16 (gradients reduced in fp32); the sharded
+            parameters keep their own dtype.
         activation_checkpointing: recompute decoder-layer activations in backward (less memory).
         seed: seed of the random initialisation of a built model.
     """
@@ -73,7 +84,7 @@ class ESFTModule(L.LightningModule):
         self.strict_loading = False  # small checkpoints hold only the trainable tensors
         self._step_started = 0.0
         self._memory_reported = False
-        self.val_loss = nn.ModuleDict()
+        self.eval_loss = nn.ModuleDict()  # "val/<source>", "test/<source>" -> token-weighted MeanMetric
 
     # -- building --------------------------------------------------------------------------------
     def _load_tokenizer(self, path: str | None) -> PreTrainedTokenizerBase:
@@ -87,27 +98,43 @@ class ESFTModule(L.LightningModule):
         return byte_tokenizer()
 
     def build_model(self) -> nn.Module:
-        """Build (or load) the Hugging Face model once; later calls return the same model."""
+        """Build (or load) the Hugging Face model once; later calls return the same model.
+
+        Under FSDP2 with several ranks only rank 0 reads the checkpoint (or initialises the weights); the
+        other ranks build the same architecture on the meta device, and ``configure_model`` broadcasts rank
+        0's tensors into their shards, so one rank holds the whole model in host memory, not every rank.
+        """
         if self.model is not None:
             return self.model
         # CPU grouped_mm can hit denormals on rarely-used expert rows (one run measured 48x slower).
         torch.set_flush_denormal(True)
+        self._host_bytes_before_model = current_host_bytes()
         extra = {} if self.experts_implementation is None else {"experts_implementation": self.experts_implementation}
+        on_meta = self.loads_on_rank0_only and self.global_rank != 0
         if self.model_path:
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoConfig, AutoModelForCausalLM
 
             if not Path(self.model_path).is_dir():
                 raise FileNotFoundError(
                     f"model directory {self.model_path!r} does not exist (models load from local directories only)"
                 )
-            dtype = self.param_dtype
-            model = AutoModelForCausalLM.from_pretrained(
-                self.model_path, trust_remote_code=self.trust_remote_code, dtype=dtype, **extra
-            )
+            dtype, remote = self.param_dtype, self.trust_remote_code
+            if on_meta:
+                config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=remote)
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote, dtype=dtype, **extra)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    self.model_path, trust_remote_code=remote, dtype=dtype, **extra
+                )
             get_family(model)
         else:
             overrides = {"vocab_size": len(self.tokenizer), **self.model_config}
-            model = build_tiny_model(self.family, seed=self.seed, **extra, **overrides)
+            if on_meta:
+                with torch.device("meta"):
+                    model = build_tiny_model(self.family, seed=self.seed, **extra, **overrides)
+            else:
+                model = build_tiny_model(self.family, seed=self.seed, **extra, **overrides)
             model.to(self.param_dtype)
         if self.router_aux_loss_coef > 0:
             model.config.router_aux_loss_coef = self.router_aux_loss_coef
@@ -119,6 +146,12 @@ class ESFTModule(L.LightningModule):
         return model
 
     @property
+    def loads_on_rank0_only(self) -> bool:
+        """Several FSDP2 ranks: rank 0 alone holds the full weights until ``configure_model`` shards them."""
+        trainer = self._trainer
+        return trainer is not None and trainer.world_size > 1 and is_fsdp2(trainer.strategy)
+
+    @property
     def param_dtype(self) -> torch.dtype:
         """The dtype parameters are built or loaded in (``dtype``, with ``auto`` resolved)."""
         if self.dtype_name != "auto":
@@ -126,28 +159,35 @@ class ESFTModule(L.LightningModule):
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
 
+    def setup(self, stage: str) -> None:
+        allow_unused_experts_under_ddp(self.trainer.strategy)
+
     def configure_model(self) -> None:
-        """Build the model; under ModelParallelStrategy (FSDP2) shard every decoder layer, then the rest.
+        """Build the model; under FSDP2 (ModelParallelStrategy) shard every decoder layer, then the rest.
 
         Expert selection runs before this (in ExpertSelectionCallback.setup) on the unsharded model, so
-        frozen fused experts and the small trainable ones are sharded alike and stay parameters.
+        frozen fused experts and the small trainable ones are sharded alike and stay parameters. With
+        several ranks, rank 0's tensors are then broadcast into every rank's shards (see ``build_model``).
         """
         model = self.build_model()
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None or getattr(model, "_esft_sharded", False):
             return
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if self.fsdp_bf16 else MixedPrecisionPolicy()
-        for layer in model.get_decoder().layers:
-            fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
-        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+        dp_mesh = data_parallel_mesh(mesh)
+        rank0_only = self.loads_on_rank0_only
+        # References to rank 0's unsharded tensors (no copy), taken before fully_shard replaces them.
+        full_state = persistent_state(model) if rank0_only and self.global_rank == 0 else {}
+        shard_model(model, dp_mesh, self.fsdp_bf16)
+        if rank0_only:
+            broadcast_from_rank0(model, full_state, self.trainer.strategy.root_device)
+            del full_state
         model._esft_sharded = True
         local = sum(_local_numel(p) * p.element_size() for p in model.parameters())
         full = sum(p.numel() * p.element_size() for p in model.parameters())
+        above = peak_host_bytes() - getattr(self, "_host_bytes_before_model", 0)
         print(
-            f"ESFT FSDP rank {self.global_rank}: parameter bytes {local} local of {full} ({local / full:.3f})",
+            f"ESFT FSDP rank {self.global_rank}: parameter bytes {local} local of {full} ({local / full:.3f}); "
+            f"peak host memory above baseline {above} bytes ({above / full:.2f}x the model)",
             flush=True,
         )
 
@@ -185,7 +225,9 @@ class ESFTModule(L.LightningModule):
         # Under data parallel each rank's loss is its token sum / (global tokens / world): the mean over
         # ranks (sync_dist) is the global per-token loss.
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("train/ppl", torch.exp(loss.detach()), batch_size=size, sync_dist=True)
+        # Perplexity of the global loss (exp of the rank mean), not the mean of per-rank exps.
+        global_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        self.log("train/ppl", torch.exp(global_loss), batch_size=size)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -204,30 +246,50 @@ class ESFTModule(L.LightningModule):
                 rank_zero_info(line)
             self._memory_reported = True
 
-    def _val_names(self) -> list[str]:
+    def _eval_names(self, stage: str) -> list[str]:
         dm = getattr(self.trainer, "datamodule", None)
-        return list(getattr(dm, "val_names", None) or ["val"])
+        names = getattr(dm, "test_names" if stage == "test" else "val_names", None)
+        return list(names or [stage])
 
-    def on_validation_epoch_start(self) -> None:
-        for name in self._val_names():
-            if name not in self.val_loss:
-                self.val_loss[name] = MeanMetric().to(self.device)
+    def _eval_start(self, stage: str) -> None:
+        for name in self._eval_names(stage):
+            if f"{stage}/{name}" not in self.eval_loss:
+                self.eval_loss[f"{stage}/{name}"] = MeanMetric().to(self.device)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def _eval_step(self, stage: str, batch: dict[str, torch.Tensor], dataloader_idx: int) -> None:
         loss, _ = self._loss(batch)
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        self.val_loss[self._val_names()[dataloader_idx]].update(loss.detach(), weight=tokens)
+        self.eval_loss[f"{stage}/{self._eval_names(stage)[dataloader_idx]}"].update(loss.detach(), weight=tokens)
 
-    def on_validation_epoch_end(self) -> None:
+    def _eval_end(self, stage: str) -> None:
         # Token-weighted mean loss per source (synchronised across ranks by torchmetrics); perplexity is
         # its exponential, so no [B, T, vocab] copy of the logits is kept for a perplexity metric.
-        for name, metric in self.val_loss.items():
-            if metric.update_count == 0:
+        for key, metric in self.eval_loss.items():
+            if not key.startswith(f"{stage}/") or metric.update_count == 0:
                 continue
             loss = metric.compute()
-            self.log(f"val/{name}/loss", loss, add_dataloader_idx=False, batch_size=1)
-            self.log(f"val/{name}/ppl", torch.exp(loss), add_dataloader_idx=False, batch_size=1)
+            self.log(f"{key}/loss", loss, add_dataloader_idx=False, batch_size=1)
+            self.log(f"{key}/ppl", torch.exp(loss), add_dataloader_idx=False, batch_size=1)
             metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start("val")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Per-source loss and perplexity (``test/<source>/loss``) on the datamodule's test sources."""
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -260,7 +322,15 @@ class ESFTModule(L.LightningModule):
             "model_type": self.model.config.model_type,
             "expert_config": None if config is None else config.to_dict(),
             "trainable": sorted(n for n, p in self.named_parameters() if p.requires_grad),
+            "trainable_dtype": self.trainable_copies_dtype,
         }
+
+    @property
+    def trainable_copies_dtype(self) -> str | None:
+        """dtype of the selected experts' trainable copies (e.g. ``torch.float32``), None without any."""
+        copies = (p for n, p in self.model.named_parameters() if n.rsplit(".", 1)[-1].startswith("esft_"))
+        first = next(copies, None)
+        return None if first is None else str(first.dtype)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint fits this run; apply its expert selection if none is applied yet.
@@ -283,7 +353,9 @@ class ESFTModule(L.LightningModule):
                     "expert_cfg.json as ExpertSelectionCallback(expert_config=...), "
                     "or resume with `esft fit --ckpt_path`"
                 )
-            apply_expert_config(model, ExpertConfig.from_dict(saved["expert_config"], source="checkpoint"))
+            saved_dtype = saved.get("trainable_dtype")
+            dtype = None if saved_dtype is None else getattr(torch, saved_dtype.removeprefix("torch."))
+            apply_expert_config(model, ExpertConfig.from_dict(saved["expert_config"], source="checkpoint"), dtype)
         elif saved["expert_config"] is not None and (
             ExpertConfig.from_dict(saved["expert_config"]).experts != current.experts
         ):

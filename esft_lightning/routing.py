@@ -85,6 +85,8 @@ def profile_routing(
     batches: Iterable[Mapping[str, torch.Tensor]],
     max_tokens: int | None = None,
     progress: bool = True,
+    device: torch.device | None = None,
+    all_reduce: bool | None = None,
 ) -> RoutingProfile:
     """Run ``batches`` through ``model`` and score every routed expert of every MoE layer.
 
@@ -93,11 +95,14 @@ def profile_routing(
     non-padding tokens were seen (the batch that crosses it is included). The model is observed through
     forward hooks on its routers; only the decoder runs (no LM head), in eval mode. Under
     ``torch.distributed`` each rank profiles its own batches and the sums are all-reduced, so every
-    rank returns the same scores.
+    rank returns the same scores (``all_reduce=False``: this process's batches only, e.g. when rank 0
+    profiles alone). ``device``: where inputs go (default: the model's; set it when the model's weights are
+    streamed to another device during forward).
     """
     layers = find_moe_layers(model)
-    param = next(model.parameters())
-    device = param.device
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    if all_reduce is None:
+        all_reduce = dist.is_available() and dist.is_initialized()
     accumulators = {layer.index: _LayerAccumulator(layer, device) for layer in layers}
     current: dict[str, torch.Tensor] = {}
 
@@ -140,7 +145,7 @@ def profile_routing(
         model.train(was_training)
 
     totals = torch.tensor([num_tokens, num_sequences], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if all_reduce:
         for acc in accumulators.values():
             dist.all_reduce(acc.gate)
             dist.all_reduce(acc.token)
