@@ -68,21 +68,40 @@ def data_parallel_mesh(mesh: Any) -> Any:
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
-def shard_model(model: nn.Module, mesh: Any, bf16_compute: bool) -> None:
+def shard_model(model: nn.Module, mesh: Any, bf16_compute: bool, fill_from_rank0: bool = False) -> None:
     """``fully_shard`` every decoder layer, then the rest; frozen experts are sharded like everything else.
 
     With ``bf16_compute`` the layers run in bf16 while the sharded parameters stay in their own dtype, and
     gradients are reduced in fp32 (bf16 reduction would lose the small ESFT updates across ranks).
+
+    ``fill_from_rank0``: only rank 0 holds real weights (the other ranks built the model on the meta
+    device). Each layer is filled from rank 0 right after it is sharded and rank 0 then drops its unsharded
+    tensors, so rank 0 never holds more than the loaded model plus one layer's shard, and the other ranks
+    allocate only their shards.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
 
     if bf16_compute:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
-    for layer in model.get_decoder().layers:
+    rank0 = fill_from_rank0 and dist.get_rank() == 0
+    layers = list(model.get_decoder().layers)
+    for layer in layers:
+        full = persistent_state(layer) if rank0 else {}  # references, taken before fully_shard replaces them
         fully_shard(layer, mesh=mesh, mp_policy=policy)
+        if fill_from_rank0:
+            _fill_from_rank0(layer, [layer], full, mesh.device_type)
+        del full
+    # The layers' parameters are DTensors now (filled above); what is left is the embeddings, norm, head.
+    full = {k: v for k, v in persistent_state(model).items() if not isinstance(v, DTensor)} if rank0 else {}
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if fill_from_rank0:
+        in_layers = {id(m) for layer in layers for m in layer.modules()}
+        rest = [m for m in model.modules() if id(m) not in in_layers]
+        _fill_from_rank0(model, rest, full, mesh.device_type)
+        _broadcast_unsaved_buffers(model, mesh.device_type)
 
 
 def persistent_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -98,20 +117,25 @@ def persistent_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def broadcast_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Fill a sharded model whose ranks other than 0 were built on the meta device, from rank 0's tensors.
-
-    ``full_state`` (rank 0 only; ``{}`` elsewhere) holds rank 0's unsharded tensors, taken before sharding.
-    Other ranks allocate only their shards (``to_empty``); tensors cross one at a time, so no rank ever
-    holds the whole model but rank 0. Non-persistent buffers (rotary tables, ESFT's expert-slot maps) are
-    not in a state dict and are broadcast separately.
-    """
+def _fill_from_rank0(
+    root: nn.Module, owned: list[nn.Module], full_state: dict[str, torch.Tensor], device_type: str
+) -> None:
+    """Broadcast rank 0's unsharded tensors (``full_state``; ``{}`` elsewhere) into every rank's shards of
+    ``root``; ``owned`` are the modules whose tensors are still on the meta device on other ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    device = _device(device_type)
     if dist.get_rank() != 0:
-        model.to_empty(device=device)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    set_model_state_dict(model, full_state, options=options)
+        for module in owned:
+            module.to_empty(device=device, recurse=False)  # allocates this rank's shards only
+    # One tensor at a time (torch's broadcast_from_rank0), so no rank but 0 ever holds a whole layer.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(root, full_state, options=options)
+
+
+def _broadcast_unsaved_buffers(model: nn.Module, device_type: str) -> None:
+    """Non-persistent buffers (rotary tables, ESFT's expert-slot maps) are in no state dict: copy rank 0's."""
+    device = _device(device_type)
     for module in model.modules():
         for name in sorted(module._non_persistent_buffers_set):
             buffer = module._buffers.get(name)
@@ -123,6 +147,12 @@ def broadcast_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], 
                 value = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
             dist.broadcast(value, src=0)
             module._buffers[name] = value
+
+
+def _device(device_type: str) -> torch.device:
+    if device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_type)
 
 
 def peak_host_bytes() -> int:

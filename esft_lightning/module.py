@@ -16,12 +16,10 @@ from transformers import PreTrainedTokenizerBase
 
 from .distributed import (
     allow_unused_experts_under_ddp,
-    broadcast_from_rank0,
     current_host_bytes,
     data_parallel_mesh,
     is_fsdp2,
     peak_host_bytes,
-    persistent_state,
     shard_model,
 )
 from .experts import apply_expert_config, trainable_summary
@@ -174,13 +172,7 @@ class ESFTModule(L.LightningModule):
         if mesh is None or getattr(model, "_esft_sharded", False):
             return
         dp_mesh = data_parallel_mesh(mesh)
-        rank0_only = self.loads_on_rank0_only
-        # References to rank 0's unsharded tensors (no copy), taken before fully_shard replaces them.
-        full_state = persistent_state(model) if rank0_only and self.global_rank == 0 else {}
-        shard_model(model, dp_mesh, self.fsdp_bf16)
-        if rank0_only:
-            broadcast_from_rank0(model, full_state, self.trainer.strategy.root_device)
-            del full_state
+        shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=self.loads_on_rank0_only)
         model._esft_sharded = True
         local = sum(_local_numel(p) * p.element_size() for p in model.parameters())
         full = sum(p.numel() * p.element_size() for p in model.parameters())
