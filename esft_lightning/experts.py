@@ -155,13 +155,22 @@ def remove_expert_split(model: nn.Module) -> None:
 
 
 def _state_dict_with_trained_rows(module: nn.Module, state_dict: dict, prefix: str, _meta: Any) -> None:
+    # The merged copy is made in host memory: a GPU never holds a second copy of the experts. Sharded
+    # (FSDP2 DTensor) tensors are gathered first (every rank runs this hook, as the gather needs).
     for name in PROJECTIONS:
         trained = state_dict.pop(prefix + TRAINED_PREFIX + name, None)
         if trained is None or prefix + name not in state_dict:
             continue
-        merged = state_dict[prefix + name].detach().clone()
-        merged[module.esft_expert_ids.to(merged.device)] = trained.detach().to(merged.device, merged.dtype)
+        merged = _on_host(state_dict[prefix + name], copy=True)
+        merged[module.esft_expert_ids.cpu()] = _on_host(trained, copy=False).to(merged.dtype)
         state_dict[prefix + name] = merged
+
+
+def _on_host(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        return t.full_tensor().cpu()
+    return t.to("cpu", copy=copy)
 
 
 def _load_trained_rows(module: nn.Module, state_dict: dict, prefix: str, *_args: Any) -> None:

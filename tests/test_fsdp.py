@@ -38,7 +38,7 @@ def fsdp_fit(cfg, cwd, *extra: str) -> str:
 
 
 def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
-    out = fsdp_fit(quick_config(tmp_path, steps=4), tmp_path)
+    out = fsdp_fit(quick_config(tmp_path, steps=3), tmp_path, "--model.save_trainable_only", "false")
     assert re.search(r"rank 0 selected \d+ experts; broadcast to 2 ranks", out)
     shares = [float(s) for s in re.findall(r"ESFT FSDP rank \d: parameter bytes \d+ local of \d+ \(([\d.]+)\)", out)]
     assert len(shares) == 2 and all(0.45 <= s <= 0.55 for s in shares), shares
@@ -51,20 +51,32 @@ def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
     adapter = load_file(str(run / "adapter" / "adapter.safetensors"))
     for layer, ids in config.experts.items():
         assert adapter[f"model.layers.{layer}.mlp.experts.gate_up_proj"].shape[0] == len(ids)
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert all("esft_" in k for k in ckpt["state_dict"])  # gathered trainable tensors only
+    # save_trainable_only: false -> the whole model under its own keys and shapes, trained rows merged in
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not any("esft_" in k for k in state)
+    for layer, ids in config.experts.items():
+        fused = state[f"model.model.layers.{layer}.mlp.experts.gate_up_proj"]
+        assert fused.device.type == "cpu" and fused.shape[0] == 16  # every routed expert, merged on CPU
+        torch.testing.assert_close(fused[ids], adapter[f"model.layers.{layer}.mlp.experts.gate_up_proj"])
 
 
 def test_fsdp_adapter_equals_single_process_run(tmp_path):
-    """Plain-text data (every token trained, equal token counts per rank): 2 ranks x batch 2 == 1 x batch 4."""
+    """Plain-text data (every token trained, equal token counts per rank): 2 ranks x batch 2 == 1 x batch 4, the
+    model read from a directory by rank 0 only and broadcast into rank 1's shards."""
     import yaml
 
     from esft_lightning.cli import main
+
+    from esft_lightning import ESFTModule
 
     adapters = {}
     for name, devices, batch in (("fsdp", 2, 2), ("single", 1, 4)):
         cfg_path = quick_config(tmp_path / name, steps=3)
         cfg = yaml.safe_load(cfg_path.read_text())
+        if devices == 2:  # a model directory: rank 0 reads it, rank 1 builds on meta and gets the broadcast
+            saved = ESFTModule(family=cfg["model"]["family"], model_config=cfg["model"]["model_config"], seed=0)
+            saved.build_model().save_pretrained(tmp_path / "model")
+        cfg["model"] = {"model": str(tmp_path / "model")}
         cfg["data"].update(
             task=[{"path": str(REPO / "esft_lightning/resources/quickstart/general.jsonl"), "name": "text"}],
             general=[],
