@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .sources import IGNORE_INDEX, Source, tokenize_messages, tokenize_source
 
-__all__ = ["ESFTDataModule", "Source", "tokenize_messages", "pack_sequences", "mixture_counts"]
+__all__ = [
+    "ESFTDataModule",
+    "Source",
+    "tokenize_messages",
+    "pack_sequences",
+    "mixture_counts",
+    "gradient_accumulation",
+]
 
 
 class SequenceDataset(Dataset):
@@ -141,6 +148,23 @@ def pack_sequences(
     return sequences, truncated
 
 
+def gradient_accumulation(global_batch_size: int, micro_batch_size: int, world_size: int, configured: int = 1) -> int:
+    """Accumulation steps so that micro-batch x data-parallel ranks x steps = ``global_batch_size``."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size <= 0 or global_batch_size % per_step:
+        raise ValueError(
+            f"data.global_batch_size={global_batch_size} is not a multiple of data.batch_size={micro_batch_size} x "
+            f"{world_size} data-parallel rank(s) = {per_step}: change batch_size or the number of devices"
+        )
+    steps = global_batch_size // per_step
+    if configured not in (1, steps):
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={configured} contradicts data.global_batch_size={global_batch_size} "
+            f"(which needs {steps} with batch_size {micro_batch_size} on {world_size} rank(s)): set only one of them"
+        )
+    return steps
+
+
 def mixture_counts(weights: list[float], total: int) -> list[int]:
     """Split ``total`` draws in proportion to ``weights`` (largest remainders; sums exactly to total)."""
     w = np.asarray(weights, dtype=np.float64)
@@ -159,7 +183,12 @@ class ESFTDataModule(L.LightningDataModule):
     Every source is tokenized once (cached), split into train / validation with ``seed``, and packed
     to ``seq_length``. An epoch draws ``num_train_sequences`` sequences (default: all task sequences
     plus their general share), split among sources by their weights, deterministically from ``seed``.
-    Validation has one dataloader per source, so loss is logged per task and for general data.
+    Validation has one dataloader per source, so loss is logged per task and for general data; so has
+    testing (``esft test``), on the ``test`` sources when given, else on the validation sequences.
+
+    ``batch_size`` is the micro-batch of one rank. ``global_batch_size`` (optional) is the batch of one
+    optimizer step over all ranks: gradient accumulation is derived from it (global = micro-batch x
+    data-parallel ranks x accumulation), so one config means the same on 1 or 8 GPUs.
     """
 
     def __init__(
@@ -178,6 +207,8 @@ class ESFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         tokenizer: str | None = None,
         cache_dir: str | None = None,
+        global_batch_size: int | None = None,
+        test: list[Source] | None = None,
     ) -> None:
         super().__init__()
         if not task:
@@ -198,6 +229,7 @@ class ESFTDataModule(L.LightningDataModule):
         self.val_fraction, self.max_val_sequences = val_fraction, max_val_sequences
         self.num_train_sequences, self.seed, self.num_workers = num_train_sequences, seed, num_workers
         self.tokenizer_path, self.cache_dir = tokenizer, cache_dir
+        self.global_batch_size, self.test = global_batch_size, list(test or [])
         self.tokenizer = None
         self.train_sequences: dict[str, list] = {}
         self.val_sequences: dict[str, list] = {}
@@ -226,7 +258,16 @@ class ESFTDataModule(L.LightningDataModule):
             self.tokenizer = byte_tokenizer()
         return self.tokenizer
 
+    @property
+    def test_names(self) -> list[str]:
+        return [s.label for s in self.test] if self.test else self.val_names
+
     def setup(self, stage: str | None = None) -> None:
+        if self.global_batch_size is not None and self.trainer is not None:
+            trainer = self.trainer
+            trainer.accumulate_grad_batches = gradient_accumulation(
+                self.global_batch_size, self.batch_size, trainer.world_size, trainer.accumulate_grad_batches
+            )
         if self.train_sequences:
             return
         tokenizer = self._resolve_tokenizer()
@@ -303,6 +344,18 @@ class ESFTDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(SequenceDataset(self.val_sequences[n]), shuffle=False) for n in self.val_names]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        if not self.test:
+            return self.val_dataloader()
+        tokenizer = self._resolve_tokenizer()
+        loaders = []
+        for source in self.test:
+            ds = tokenize_source(source.path, tokenizer, self.cache_dir)
+            rng = np.random.default_rng([self.seed, 1 << 21])
+            sequences, _ = pack_sequences(ds, np.arange(len(ds)), self.seq_length, self.packing, rng, 0.0)
+            loaders.append(self._loader(SequenceDataset(sequences), shuffle=False))
+        return loaders
 
     def task_dataloader(self, batch_size: int | None = None, shard: bool = True) -> DataLoader:
         """Task-only training sequences (no general data), in a fixed order: what routing profiling reads.

@@ -1,10 +1,13 @@
 """FSDP2 (ModelParallelStrategy) with two CPU processes over gloo, end to end through `esft fit`."""
 
+import csv
+import math
 import os
 import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -51,6 +54,10 @@ def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
     adapter = load_file(str(run / "adapter" / "adapter.safetensors"))
     for layer, ids in config.experts.items():
         assert adapter[f"model.layers.{layer}.mlp.experts.gate_up_proj"].shape[0] == len(ids)
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("train/ppl")]
+    assert rows  # perplexity of the global loss, not the mean of the ranks' exp(partial loss)
+    for row in rows:
+        assert float(row["train/ppl"]) == pytest.approx(math.exp(float(row["train/loss"])), rel=1e-5)
     # save_trainable_only: false -> the whole model under its own keys and shapes, trained rows merged in
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert not any("esft_" in k for k in state)
