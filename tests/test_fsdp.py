@@ -72,9 +72,8 @@ def test_fsdp_adapter_equals_single_process_run(tmp_path):
     model read from a directory by rank 0 only and broadcast into rank 1's shards."""
     import yaml
 
-    from esft_lightning.cli import main
-
     from esft_lightning import ESFTModule
+    from esft_lightning.cli import main
 
     adapters = {}
     for name, devices, batch in (("fsdp", 2, 2), ("single", 1, 4)):
