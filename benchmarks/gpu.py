@@ -1,4 +1,4 @@
-"""GPU: tokens/s and peak memory of ESFT-Token vs full fine-tuning on one CUDA GPU (bf16, grouped_mm)."""
+"""GPU: tokens/s and peak memory of ESFT-Token (fp32 trained experts) vs full fine-tuning (bf16) on one CUDA GPU."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def run(args: argparse.Namespace, variant: str) -> dict[str, float]:
         profile = profile_routing(
             model, [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches], progress=False
         )
-        apply_expert_config(model, select_experts(profile.token_scores, top_p=0.2))
+        # The default recipe: fp32 trainable copies of the selected experts of a bf16 model (trainable_dtype auto).
+        apply_expert_config(model, select_experts(profile.token_scores, top_p=0.2), trainable_dtype=torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
