@@ -16,9 +16,12 @@ from esft_lightning.selection import ExpertConfig
 from .conftest import REPO
 from .test_cli import quick_config
 
+pytestmark = pytest.mark.slow  # two processes each; CI runs them too
 
-def fsdp_fit(cfg, cwd, *extra: str) -> str:
+
+def fsdp_fit(cfg, cwd, *extra: str, strategy_config: str = "configs/fsdp.yaml") -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    strategy = ["--config", str(REPO / strategy_config)] if strategy_config else ["--trainer.strategy", "ddp"]
     cmd = [
         sys.executable,
         "-m",
@@ -26,8 +29,7 @@ def fsdp_fit(cfg, cwd, *extra: str) -> str:
         "fit",
         "--config",
         str(cfg),
-        "--config",
-        str(REPO / "configs/fsdp.yaml"),
+        *strategy,
         "--trainer.accelerator",
         "cpu",
         "--trainer.devices",
@@ -118,3 +120,11 @@ def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+
+
+def test_ddp_two_processes_train_with_unused_experts_allowed(tmp_path):
+    out = fsdp_fit(quick_config(tmp_path, steps=3), tmp_path, strategy_config="")
+    assert "find_unused_parameters=True" in out
+    assert re.search(r"rank 0 selected \d+ experts; broadcast to 2 ranks", out)
+    run = sorted((tmp_path / "run" / "logs").glob("version_*"))[-1]
+    assert (run / "adapter" / "adapter.safetensors").exists()
