@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .sources import IGNORE_INDEX, Source, tokenize_messages, tokenize_source
 
@@ -33,26 +34,43 @@ class SequenceDataset(Dataset):
 
 
 class ResumableSampler(DistributedSampler):
-    """A seeded permutation per epoch that records how far it got, so a resumed run continues mid-epoch
-    exactly where the killed one stopped (Lightning saves and restores the loader's state_dict).
+    """A seeded permutation per epoch, sharded by rank, that records how far it got.
 
-    Under torch.distributed (with ``shard``) each rank takes every world_size-th index of the same
-    permutation. It is a DistributedSampler, so Lightning keeps it instead of wrapping it in its own.
+    Each rank takes every ``num_replicas``-th index of the same permutation. Like ``DistributedSampler``,
+    the permutation is padded by repeating its head until it divides evenly, so every rank yields the same
+    number of indices (and so of batches) whatever the dataset size, even with more ranks than samples:
+    ranks that ran out of batches would otherwise hang or fail Lightning's zero-length check. The state
+    (epoch, indices yielded) lets ``StatefulDataLoader`` resume mid-epoch exactly, with workers too. It
+    is a DistributedSampler, so Lightning keeps it instead of wrapping it in its own.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, shard: bool = True) -> None:
-        distributed = shard and torch.distributed.is_available() and torch.distributed.is_initialized()
-        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
-        super().__init__(range(size), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        shard: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if num_replicas is None or rank is None:
+            distributed = shard and torch.distributed.is_available() and torch.distributed.is_initialized()
+            world, here = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+            num_replicas = world if num_replicas is None else num_replicas
+            rank = here if rank is None else rank
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.size = size
         self.yielded, self._skip = 0, 0
 
     def _indices(self) -> list[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else None
-        indices = list(range(self.size)) if order is None else order.tolist()
-        if self.num_replicas > 1:
-            per_rank = math.ceil(self.size / self.num_replicas)
-            indices = (indices * 2)[: per_rank * self.num_replicas][self.rank :: self.num_replicas]  # equal shares
+        indices = np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist() if self.shuffle else (
+            list(range(self.size))
+        )
+        if self.num_replicas > 1 and indices:
+            total = math.ceil(self.size / self.num_replicas) * self.num_replicas
+            padding = total - len(indices)
+            indices += (indices * math.ceil(padding / len(indices)))[:padding]  # DistributedSampler's padding
+            indices = indices[self.rank : total : self.num_replicas]
         return indices
 
     def __len__(self) -> int:
@@ -67,23 +85,16 @@ class ResumableSampler(DistributedSampler):
             self.yielded += 1
             yield int(i)
 
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a new epoch starts from its beginning (a restored position is for its own epoch)
+            self._skip = 0
+        super().set_epoch(epoch)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self._skip = state["epoch"], state["yielded"] % max(len(self._indices()), 1)
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position Lightning checkpoints (through its ResumableSampler)."""
-
-    def state_dict(self) -> dict[str, int]:
-        # Lightning may have swapped in its own distributed sampler: then there is no position to save.
-        return self.sampler.state_dict() if isinstance(self.sampler, ResumableSampler) else {}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state and isinstance(self.sampler, ResumableSampler):
-            self.sampler.load_state_dict(state)
 
 
 def _columns(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -281,21 +292,18 @@ class ESFTDataModule(L.LightningDataModule):
     def _loader(
         self, dataset: Dataset, shuffle: bool, batch_size: int | None = None, shard: bool | None = None
     ) -> DataLoader:
-        if self.num_workers > 0 and shuffle:
-            warnings.warn(
-                "num_workers > 0: a resumed run may skip the batches the workers had prefetched when the "
-                "checkpoint was written (exact mid-epoch resume needs num_workers: 0)",
-                stacklevel=2,
-            )
         if shard is None:  # shard across ranks unless the user turned Lightning's distributed sampling off
             connector = getattr(self.trainer, "_accelerator_connector", None)
             shard = getattr(connector, "use_distributed_sampler", True)
-        return ResumableDataLoader(
+        # StatefulDataLoader checkpoints the position of the batches handed to the training loop, not of
+        # those its workers prefetched, so a resumed run continues exactly where the killed one stopped.
+        return StatefulDataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
             sampler=ResumableSampler(len(dataset), self.seed, shuffle, shard),
             collate_fn=self.collate,
             num_workers=self.num_workers,
+            persistent_workers=False,
         )
 
     def train_dataloader(self) -> DataLoader:

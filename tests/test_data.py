@@ -164,3 +164,59 @@ def test_random_concatenation_fills_sequences(tmp_path):
     concat.setup("fit")
     lengths = [len(ids) for ids, _ in concat.train_dataset.sequences]
     assert max(lengths) <= 256 and np.mean(lengths) > 4 * np.mean([len(i) for i, _ in plain.train_dataset.sequences])
+
+
+@pytest.mark.parametrize("size, world", [(1, 3), (2, 5), (7, 3), (10, 4), (0, 2)])
+def test_every_rank_gets_the_same_number_of_indices(size, world):
+    from esft_lightning.data import ResumableSampler
+
+    for shuffle in (True, False):
+        shards = [list(ResumableSampler(size, seed=1, shuffle=shuffle, num_replicas=world, rank=r)) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1  # equal shares, padded like DistributedSampler
+        assert all(len(s) == -(-size // world) for s in shards)
+        assert set().union(*shards) == set(range(size))  # every sample is seen on some rank
+
+
+def test_loader_length_is_equal_on_every_rank_with_more_ranks_than_sequences(tmp_path, monkeypatch):
+    """The 3-process crash: one validation sequence, three ranks -> each rank still gets one batch."""
+    import torch.distributed as dist
+
+    path = write_jsonl(tmp_path / "t.jsonl", [chat(f"q{i}", f"a{i}") for i in range(40)])
+    dm = ESFTDataModule(task=[Source(str(path))], seq_length=4096, val_fraction=0.05, batch_size=4)
+    dm.setup("fit")
+    assert len(dm.val_sequences["t"]) == 1  # the held-out samples pack into a single sequence
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    lengths = []
+    for rank in range(3):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        (val,) = dm.val_dataloader()
+        lengths.append(len(val))
+        assert len(list(val)) == 1
+    assert lengths == [1, 1, 1]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resumes_mid_epoch_exactly(tmp_path, num_workers):
+    path = write_jsonl(tmp_path / "t.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(60)])
+    dm = ESFTDataModule(task=[Source(str(path))], seq_length=64, packing="pad", batch_size=3, num_workers=num_workers)
+    dm.setup("fit")
+
+    def ids(batches):
+        return [b["input_ids"].tolist() for b in batches]
+
+    for epoch in (0, 2):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        it = iter(loader)
+        head = [next(it) for _ in range(4)]
+        state = loader.state_dict()  # what Lightning checkpoints after the 4th batch (workers prefetched more)
+        rest = list(it)
+        resumed = dm.train_dataloader()  # a fresh process: fresh loader, sampler at epoch 0
+        resumed.load_state_dict(state)
+        resumed.sampler.set_epoch(epoch)
+        assert ids(resumed) == ids(rest)
+        assert len(head) + len(rest) == len(loader)
+        again = dm.train_dataloader()
+        again.sampler.set_epoch(epoch)
+        assert ids(again) == ids(head + rest)  # same seed and epoch: same order
