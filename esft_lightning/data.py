@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from .sources import IGNORE_INDEX, Source, tokenize_messages, tokenize_source
+from .sources import IGNORE_INDEX, DataError, Source, tokenize_messages, tokenize_source
+from .templates import Template
 
-__all__ = ["ESFTDataModule", "Source", "tokenize_messages", "pack_sequences", "mixture_counts"]
+__all__ = ["ESFTDataModule", "DataError", "Source", "tokenize_messages", "pack_sequences", "mixture_counts"]
 
 
 class SequenceDataset(Dataset):
@@ -63,8 +64,10 @@ class ResumableSampler(DistributedSampler):
         self.yielded, self._skip = 0, 0
 
     def _indices(self) -> list[int]:
-        indices = np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist() if self.shuffle else (
-            list(range(self.size))
+        indices = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
+            if self.shuffle
+            else (list(range(self.size)))
         )
         if self.num_replicas > 1 and indices:
             total = math.ceil(self.size / self.num_replicas) * self.num_replicas
@@ -171,6 +174,8 @@ class ESFTDataModule(L.LightningDataModule):
     to ``seq_length``. An epoch draws ``num_train_sequences`` sequences (default: all task sequences
     plus their general share), split among sources by their weights, deterministically from ``seed``.
     Validation has one dataloader per source, so loss is logged per task and for general data.
+    ``template``: ``esft`` (ESFT's own chat format) or ``model`` (the tokenizer's chat template, trained on
+    the tokens inside its ``{% generation %}`` blocks).
     """
 
     def __init__(
@@ -189,6 +194,7 @@ class ESFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         tokenizer: str | None = None,
         cache_dir: str | None = None,
+        template: Template = "esft",
     ) -> None:
         super().__init__()
         if not task:
@@ -208,7 +214,7 @@ class ESFTDataModule(L.LightningDataModule):
         self.packing, self.random_concat_ratio = packing, random_concat_ratio
         self.val_fraction, self.max_val_sequences = val_fraction, max_val_sequences
         self.num_train_sequences, self.seed, self.num_workers = num_train_sequences, seed, num_workers
-        self.tokenizer_path, self.cache_dir = tokenizer, cache_dir
+        self.tokenizer_path, self.cache_dir, self.template = tokenizer, cache_dir, template
         self.tokenizer = None
         self.train_sequences: dict[str, list] = {}
         self.val_sequences: dict[str, list] = {}
@@ -246,10 +252,11 @@ class ESFTDataModule(L.LightningDataModule):
             raise ValueError(f"data sources need distinct names (set `name`), got {names}")
         for k, source in enumerate(self.sources):
             rng = np.random.default_rng([self.seed, k])
-            ds = tokenize_source(source.path, tokenizer, self.cache_dir)
+            ds = tokenize_source(source.path, tokenizer, self.cache_dir, self.template)
             order = rng.permutation(len(ds))
             if source.val_path:
-                val_ds, val_idx, train_idx = tokenize_source(source.val_path, tokenizer, self.cache_dir), None, order
+                val_ds = tokenize_source(source.val_path, tokenizer, self.cache_dir, self.template)
+                val_idx, train_idx = None, order
             else:
                 n_val = min(len(ds) - 1, max(1, math.ceil(self.val_fraction * len(ds)))) if len(ds) > 1 else 0
                 val_ds, val_idx, train_idx = ds, order[:n_val], order[n_val:]

@@ -35,9 +35,9 @@ def test_bad_records_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
         tokenize_source(bad_json, tok, tmp_path / "c")
     bad_role = write_jsonl(
-        tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "system", "content": "x"}]}]
+        tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "tool", "content": "x"}]}]
     )
-    with pytest.raises(ValueError, match=r"role\.jsonl:2: message 0 has unknown role 'system'"):
+    with pytest.raises(ValueError, match=r"role\.jsonl:2: message 0 has unknown role 'tool'"):
         tokenize_source(bad_role, tok, tmp_path / "c")
     no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"prompt": "x"}])
     with pytest.raises(ValueError, match=r"nofield\.jsonl:1: record needs 'messages'"):
@@ -171,7 +171,9 @@ def test_every_rank_gets_the_same_number_of_indices(size, world):
     from esft_lightning.data import ResumableSampler
 
     for shuffle in (True, False):
-        shards = [list(ResumableSampler(size, seed=1, shuffle=shuffle, num_replicas=world, rank=r)) for r in range(world)]
+        shards = [
+            list(ResumableSampler(size, seed=1, shuffle=shuffle, num_replicas=world, rank=r)) for r in range(world)
+        ]
         assert len({len(s) for s in shards}) == 1  # equal shares, padded like DistributedSampler
         assert all(len(s) == -(-size // world) for s in shards)
         assert set().union(*shards) == set(range(size))  # every sample is seen on some rank
