@@ -7,18 +7,24 @@ import json
 import sys
 from pathlib import Path
 
-import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .data import ESFTDataModule
 from .module import ESFTModule
+from .run_paths import derive_output_paths, resolve_ckpt_path
+
+__all__ = ["ESFTCLI", "main", "make_cli", "resolve_ckpt_path"]
 
 TOOLS = ("profile", "select", "merge")
 
 
 class ESFTCLI(LightningCLI):
     """LightningCLI over ESFTModule / ESFTDataModule; resumes reuse the checkpoint's expert selection."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        resuming_last = self.subcommand == "fit" and config.get("ckpt_path") == "last"
+        derive_output_paths(config, resuming_last)  # every output under trainer.default_root_dir
 
     def before_fit(self) -> None:
         from .callbacks import ExpertSelectionCallback
@@ -28,19 +34,6 @@ class ESFTCLI(LightningCLI):
         for cb in self.trainer.callbacks:
             if isinstance(cb, ExpertSelectionCallback):
                 cb.resume_ckpt = resolved
-
-
-def resolve_ckpt_path(trainer: L.Trainer, ckpt: str) -> str | None:
-    """Where `--ckpt_path` points ('last' looks in every ModelCheckpoint's dirpath), or None."""
-    if ckpt != "last":
-        return ckpt if Path(ckpt).exists() else None
-    candidates = [
-        Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-        for cb in trainer.callbacks
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath
-    ]
-    found = [p for p in candidates if p.exists()]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> ESFTCLI:

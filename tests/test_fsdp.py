@@ -51,7 +51,7 @@ def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
     adapter = load_file(str(run / "adapter" / "adapter.safetensors"))
     for layer, ids in config.experts.items():
         assert adapter[f"model.layers.{layer}.mlp.experts.gate_up_proj"].shape[0] == len(ids)
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert all("esft_" in k for k in ckpt["state_dict"])  # gathered trainable tensors only
 
 
@@ -91,7 +91,7 @@ def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path):
     run_a = sorted((tmp_path / "a/run/logs").glob("version_*"))[-1]
     cfg = quick_config(tmp_path / "b", steps=4)
     fsdp_fit(cfg, tmp_path)
-    ckpt = tmp_path / "b/run/checkpoints/last.ckpt"
+    ckpt = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1] / "checkpoints/last.ckpt"
     (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
     out = fsdp_fit(cfg, tmp_path, "--trainer.max_steps", "6", "--ckpt_path", "last")
     assert "resuming with the checkpoint's expert selection" in out
