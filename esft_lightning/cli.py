@@ -25,6 +25,9 @@ class ESFTCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         resuming_last = self.subcommand == "fit" and config.get("ckpt_path") == "last"
         derive_output_paths(config, resuming_last)  # every output under trainer.default_root_dir
+        from .callbacks.progress import add_progress_bar
+
+        add_progress_bar(config.trainer)  # no `Epoch 0/-2` under max_steps
 
     def before_fit(self) -> None:
         from .callbacks import ExpertSelectionCallback

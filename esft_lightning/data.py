@@ -17,6 +17,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from .sources import IGNORE_INDEX, DataError, Source, tokenize_messages, tokenize_source
 from .templates import Template
 
+# torchdata 0.11 calls a torch API that torch 2.13 deprecated, once per loader iterator: noise for users.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+
 __all__ = ["ESFTDataModule", "DataError", "Source", "tokenize_messages", "pack_sequences", "mixture_counts"]
 
 

@@ -33,7 +33,7 @@ def quick_config(tmp_path: Path, steps: int = 6, **callback_args) -> Path:
         log_every_n_steps=1,
         enable_progress_bar=False,
     )
-    select, checkpoint = cfg["trainer"]["callbacks"]
+    select, checkpoint = cfg["trainer"]["callbacks"][:2]
     select["init_args"].update(max_tokens=2048, **callback_args)
     checkpoint["init_args"].update(every_n_train_steps=3)
     cfg["model"]["model_config"].update(
