@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from esft_lightning.adapters import save_adapter
 from esft_lightning.experts import apply_expert_config
@@ -150,6 +150,9 @@ class ExpertSelectionCallback(L.Callback):
                 },
                 step=0,
             )
+        if trainer.logger is None:  # Lightning would fall back to default_root_dir (the cwd): write nothing
+            rank_zero_warn("ESFT: the trainer has no logger, so no log directory: expert_cfg.json not written")
+            return
         log_dir = trainer.log_dir  # a collective under several processes: every rank asks
         if not trainer.is_global_zero or log_dir is None:
             return
@@ -168,7 +171,9 @@ class ExpertSelectionCallback(L.Callback):
                 _log_figure(trainer, fig)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.write_adapter and trainer.log_dir is not None:
+        if self.write_adapter and trainer.logger is None:
+            rank_zero_warn("ESFT: the trainer has no logger, so no log directory: adapter not written")
+        elif self.write_adapter and trainer.log_dir is not None:
             path = save_adapter(pl_module.model, Path(trainer.log_dir) / "adapter")
             rank_zero_info(f"ESFT: adapter written to {path}")
 
@@ -192,7 +197,7 @@ def _checkpoint_selection(ckpt_path: str | None) -> ExpertConfig | None:
         path = path / "meta.pt"
         if not path.exists():
             return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=path.suffix != ".pt")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=path.suffix != ".pt")
     saved = (checkpoint.get("esft") or {}).get("expert_config")
     return None if saved is None else ExpertConfig.from_dict(saved, source=str(ckpt_path))
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +23,7 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]
     SIGKILL). A failure removes the temp file and raises ``WriteError`` naming ``path``.
     """
     path = Path(path)
+    _remove_stale_temps(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -55,6 +57,7 @@ def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> P
     """
     path = Path(path)
     recover_dir(path)
+    _remove_stale_temps(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -90,6 +93,13 @@ def recover_dir(path: str | os.PathLike) -> None:
         os.replace(old, path)
     elif old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files or folders of ``path`` left by a killed writer (one writer per path: ours are gone)."""
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 def _write_error(path: Path, err: OSError) -> WriteError:
