@@ -235,6 +235,28 @@ def test_sigkill_mid_adapter_write_keeps_the_previous_adapter(tmp_path, uninterr
     assert not [p for p in run.iterdir() if p.name.startswith(".adapter")]  # the next write cleaned up
 
 
+# -- reproducibility ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_same_config_and_seed_give_the_same_selection_and_bitwise_weights_with_workers(tmp_path):
+    for name in ("a", "b"):
+        main(["fit", "--config", str(quick_config(tmp_path / name, steps=4)), "--data.num_workers", "2", *EPOCH])
+    a, b = log_dirs(tmp_path / "a")[-1], log_dirs(tmp_path / "b")[-1]
+    assert (a / "expert_cfg.json").read_text() == (b / "expert_cfg.json").read_text()
+    wa, wb = adapter_of(tmp_path / "a"), adapter_of(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bitwise
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_with_workers_equals_the_uninterrupted_run(tmp_path, uninterrupted):
+    cfg = quick_config(tmp_path, steps=4)
+    workers = ["--data.num_workers", "2"]
+    main(["fit", "--config", str(cfg), *workers, *EPOCH])
+    ckpt = log_dirs(tmp_path)[-1] / "checkpoints/last.ckpt"
+    (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4: mid-epoch (5 batches each)
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "9", "--ckpt_path", "last", *workers, *EPOCH])
+    assert_same(adapter_of(tmp_path), uninterrupted)  # the workers' prefetched batches were not skipped
+
+
 # -- security ----------------------------------------------------------------------------------------------
 def test_remote_code_is_off_unless_the_config_sets_it():
     assert inspect.signature(ESFTModule).parameters["trust_remote_code"].default is False
