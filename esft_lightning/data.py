@@ -202,8 +202,21 @@ class ESFTDataModule(L.LightningDataModule):
         super().__init__()
         if not task:
             raise ValueError("ESFTDataModule needs at least one task source")
-        if general_ratio < 0:
-            raise ValueError(f"general_ratio must be >= 0, got {general_ratio}")
+        for key, value, ok, expected in (
+            ("general_ratio", general_ratio, general_ratio >= 0, ">= 0"),
+            ("seq_length", seq_length, seq_length >= 2, "an integer >= 2"),
+            ("batch_size", batch_size, batch_size >= 1, "an integer >= 1"),
+            ("val_fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"),
+            ("random_concat_ratio", random_concat_ratio, 0 <= random_concat_ratio <= 1, "in [0, 1]"),
+            ("max_val_sequences", max_val_sequences, max_val_sequences >= 0, ">= 0"),
+            ("num_workers", num_workers, num_workers >= 0, ">= 0"),
+        ):
+            if not ok:
+                raise ValueError(f"data.{key} must be {expected}, got {value!r}")
+        if num_train_sequences is not None and num_train_sequences < 1:
+            raise ValueError(f"data.num_train_sequences must be >= 1 (or null: all), got {num_train_sequences!r}")
+        if template not in ("esft", "model"):
+            raise ValueError(f"data.template must be 'esft' or 'model', got {template!r}")
         for group, sources in (("task", task), ("general", general or [])):
             for i, source in enumerate(sources):
                 if not (isinstance(source.weight, (int, float)) and source.weight >= 0):

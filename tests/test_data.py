@@ -34,9 +34,7 @@ def test_bad_records_name_file_and_line(tmp_path):
     bad_json.write_text(json.dumps(chat("a", "b")) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
         tokenize_source(bad_json, tok, tmp_path / "c")
-    bad_role = write_jsonl(
-        tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "tool", "content": "x"}]}]
-    )
+    bad_role = write_jsonl(tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "tool", "content": "x"}]}])
     with pytest.raises(ValueError, match=r"role\.jsonl:2: message 0 has unknown role 'tool'"):
         tokenize_source(bad_role, tok, tmp_path / "c")
     no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"prompt": "x"}])
@@ -222,3 +220,22 @@ def test_loader_resumes_mid_epoch_exactly(tmp_path, num_workers):
         again = dm.train_dataloader()
         again.sampler.set_epoch(epoch)
         assert ids(again) == ids(head + rest)  # same seed and epoch: same order
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("seq_length", 1),
+        ("batch_size", 0),
+        ("val_fraction", 1.0),
+        ("random_concat_ratio", 2.0),
+        ("general_ratio", -1),
+        ("num_workers", -1),
+        ("num_train_sequences", 0),
+        ("template", "chatml"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path, key, value):
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("q", "a")])
+    with pytest.raises(ValueError, match=rf"data\.{key} must be"):
+        ESFTDataModule(task=[Source(str(path))], **{key: value})
