@@ -239,3 +239,12 @@ def test_bad_settings_name_the_key(tmp_path, key, value):
     path = write_jsonl(tmp_path / "t.jsonl", [chat("q", "a")])
     with pytest.raises(ValueError, match=rf"data\.{key} must be"):
         ESFTDataModule(task=[Source(str(path))], **{key: value})
+
+
+def test_folder_that_is_not_a_dataset_is_named(tmp_path):
+    from esft_lightning.sources import DataError
+
+    (tmp_path / "notdata").mkdir()
+    (tmp_path / "notdata/readme.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"notdata: not a JSONL file or a datasets.save_to_disk directory"):
+        tokenize_source(tmp_path / "notdata", byte_tokenizer(), tmp_path / "c")
