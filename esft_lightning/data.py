@@ -158,6 +158,11 @@ def pack_sequences(
     return sequences, truncated
 
 
+def _has_target(sequence: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether a sequence trains at least one token (labels shift by one: the first label predicts nothing)."""
+    return bool((sequence[1][1:] != IGNORE_INDEX).any())
+
+
 def mixture_counts(weights: list[float], total: int) -> list[int]:
     """Split ``total`` draws in proportion to ``weights`` (largest remainders; sums exactly to total)."""
     w = np.asarray(weights, dtype=np.float64)
@@ -234,6 +239,7 @@ class ESFTDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_sequences: dict[str, list] = {}
         self.val_sequences: dict[str, list] = {}
+        self.profile_sequences: dict[str, list] = {}
         self.train_dataset: SequenceDataset | None = None
 
     @property
@@ -289,8 +295,12 @@ class ESFTDataModule(L.LightningDataModule):
                     f"{source.path}: {truncated} samples longer than seq_length={self.seq_length} were truncated",
                     stacklevel=2,
                 )
+            # A packed chunk can hold only prompt tokens: nothing to learn, and a batch of such chunks has a
+            # mean loss of 0/0 = NaN. Training and validation skip them; routing profiling reads every chunk.
+            self.profile_sequences[source.label] = train
+            train, val = [s for s in train if _has_target(s)], [s for s in val if _has_target(s)]
             if not train:
-                raise ValueError(f"data source {source.path}: no training sequences after packing")
+                raise DataError(f"data source {source.path}: no training sequence with a trained token after packing")
             self.train_sequences[source.label] = train
             self.val_sequences[source.label] = val[: self.max_val_sequences]
         self.train_dataset = SequenceDataset(self._draw_mixture())
@@ -339,7 +349,7 @@ class ESFTDataModule(L.LightningDataModule):
         """Task-only training sequences (no general data), in a fixed order: what routing profiling reads."""
         if not self.train_sequences:
             self.setup("fit")
-        seqs = [seq for s in self.task for seq in self.train_sequences[s.label]]
+        seqs = [seq for s in self.task for seq in self.profile_sequences[s.label]]
         # Never wrapped by Lightning: each rank reads its share; profile_routing all-reduces the sums.
         return self._loader(SequenceDataset(seqs), shuffle=False, batch_size=batch_size, shard=True)
 

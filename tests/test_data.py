@@ -109,11 +109,14 @@ def test_packing_and_truncation(tmp_path):
     dm = ESFTDataModule(task=[Source(str(path))], seq_length=32, packing="pack", val_fraction=0.1)
     dm.setup("fit")
     assert all(len(ids) == 32 for ids, _ in dm.train_dataset.sequences)
-    padded = ESFTDataModule(task=[Source(str(path))], seq_length=32, packing="pad")
+    padded = ESFTDataModule(task=[Source(str(path))], seq_length=64, packing="pad")
     with pytest.warns(UserWarning, match="truncated"):
         padded.setup("fit")
     batch = next(iter(padded.train_dataloader()))
-    assert batch["input_ids"].shape[1] == 32 and batch["attention_mask"].all()
+    assert batch["input_ids"].shape[1] == 64 and batch["attention_mask"].all()
+    cut = ESFTDataModule(task=[Source(str(path))], seq_length=32, packing="pad")  # truncation cuts every reply
+    with pytest.raises(ValueError, match="no training sequence with a trained token"), pytest.warns(UserWarning):
+        cut.setup("fit")
 
 
 def test_resumable_sampler_continues_mid_epoch():
@@ -248,3 +251,14 @@ def test_folder_that_is_not_a_dataset_is_named(tmp_path):
     (tmp_path / "notdata/readme.txt").write_text("hello")
     with pytest.raises(DataError, match=r"notdata: not a JSONL file or a datasets.save_to_disk directory"):
         tokenize_source(tmp_path / "notdata", byte_tokenizer(), tmp_path / "c")
+
+
+def test_prompt_only_chunks_are_not_trained_on(tmp_path):
+    """A packed chunk inside a long prompt trains nothing; a batch of them had a NaN mean loss (0 / 0)."""
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("p" * 200, "r") for _ in range(40)])
+    dm = ESFTDataModule(task=[Source(str(path))], seq_length=32, packing="pack", val_fraction=0.2)
+    dm.setup("fit")
+    assert all((labels[1:] != IGNORE_INDEX).any() for _, labels in dm.train_dataset.sequences)
+    assert all((labels[1:] != IGNORE_INDEX).any() for _, labels in dm.val_sequences["t"])
+    profiled = sum(len(b["input_ids"]) for b in dm.task_dataloader())
+    assert profiled > len(dm.train_sequences["t"])  # routing profiling still reads the prompt-only chunks
