@@ -2,17 +2,21 @@
 raises nothing but our clear error (naming where), and valid input always round-trips."""
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from esft_lightning.selection import ExpertConfig
 from esft_lightning.sources import IGNORE_INDEX, DataError, _records
 from esft_lightning.templates import encode_records, tokenize_messages
 from esft_lightning.tokenizer import byte_tokenizer
 
+# Hypothesis keeps caches in ./.hypothesis: the suite must leave the checkout as it found it.
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="esft-hypothesis-"))
 TOKENIZER = byte_tokenizer()
 SETTINGS = settings(
     max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
