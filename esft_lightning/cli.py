@@ -23,7 +23,7 @@ class ESFTCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        resuming_last = self.subcommand == "fit" and config.get("ckpt_path") == "last"
+        resuming_last = self.subcommand is not None and config.get("ckpt_path") == "last"
         derive_output_paths(config, resuming_last)  # every output under trainer.default_root_dir
         from .callbacks.progress import add_progress_bar
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import TrainerFn
 
 
 class RunLogger(CSVLogger):
-    """Lightning's CSVLogger with ``save_dir`` optional: `esft` fills it with ``trainer.default_root_dir``.
+    """Lightning's CSVLogger with ``save_dir`` optional (`esft` fills it with ``trainer.default_root_dir``), and
+    a ``metrics.csv`` that a resumed run appends to instead of deleting.
 
-    (CSVLogger requires ``save_dir``, so a YAML that leaves it to ``default_root_dir`` would not parse.)
+    (CSVLogger requires ``save_dir``, so a YAML that leaves it to ``default_root_dir`` would not parse; and it
+    deletes an existing ``metrics.csv``, which would lose the history of a run resumed in its version folder.)
     From Python, an unset ``save_dir`` is the working directory, like Lightning's own default root.
     """
 
@@ -28,6 +33,27 @@ class RunLogger(CSVLogger):
         flush_logs_every_n_steps: int = 100,
     ) -> None:
         super().__init__(os.getcwd() if save_dir is None else save_dir, name, version, prefix, flush_logs_every_n_steps)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Keeps an existing metrics.csv (and its columns) and appends to it."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+    def _check_log_dir_exists(self) -> None:
+        pass  # Lightning's deletes metrics.csv here
 
 
 def derive_output_paths(config: Any, resuming_last: bool) -> None:

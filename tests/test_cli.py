@@ -140,6 +140,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
     main(["fit", "--config", str(cfg), "--trainer.max_steps", "8", "--ckpt_path", "last", *epoch])
     assert len(log_dirs(tmp_path / "b")) == 1  # the resumed run continued in the version it resumed
+    rows = list(csv.DictReader((log_dirs(tmp_path / "b")[-1] / "metrics.csv").open()))
+    steps = {int(r["step"]) for r in rows if r["train/loss"]}
+    assert {0, 7} <= steps  # the history before the crash is kept, the resumed steps appended
     resumed = load_file(str(log_dirs(tmp_path / "b")[-1] / "adapter" / "adapter.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
@@ -222,6 +225,11 @@ def test_checkpoint_reloads_with_its_selection_outside_fit(tmp_path):
     main(["validate", "--config", str(quick_config(tmp_path, steps=3)), "--ckpt_path", str(ckpt)])
     rows = list(csv.DictReader((log_dirs(tmp_path)[-1] / "metrics.csv").open()))
     assert any(r.get("val/intent/loss") for r in rows)  # validated the checkpoint's trained experts
+    # `validate --ckpt_path last` finds the run's checkpoint too (in the version folder that holds it)
+    main(["validate", "--config", str(quick_config(tmp_path, steps=3)), "--ckpt_path", "last"])
+    assert len(log_dirs(tmp_path)) == 2
+    rows = list(csv.DictReader((log_dirs(tmp_path)[0] / "metrics.csv").open()))
+    assert sum(1 for r in rows if r.get("val/intent/loss")) >= 2
 
 
 def test_existing_expert_config_skips_profiling(tmp_path):
