@@ -128,7 +128,10 @@ def test_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one(tmp_p
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]  # no temp file left
 
 
-def test_failed_adapter_write_names_the_path_and_keeps_the_previous_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error", [DISK_FULL, PermissionError(errno.EACCES, "Permission denied")], ids=["disk-full", "permission"]
+)
+def test_failed_adapter_write_names_the_path_and_keeps_the_previous_adapter(tmp_path, monkeypatch, error):
     import esft_lightning.adapters as adapters
     from esft_lightning.experts import apply_expert_config
     from esft_lightning.models import build_tiny_model
@@ -145,10 +148,10 @@ def test_failed_adapter_write_names_the_path_and_keeps_the_previous_adapter(tmp_
 
     def disk_full(tensors, filename, metadata=None):  # noqa: ANN001, ANN202
         Path(filename).write_bytes(b"torn")
-        raise DISK_FULL
+        raise error
 
     monkeypatch.setattr(adapters, "save_file", disk_full)
-    with pytest.raises(WriteError, match=rf"could not write {tmp_path / 'adapter'}: No space left on device"):
+    with pytest.raises(WriteError, match=rf"could not write {tmp_path / 'adapter'}: {error.strerror}; the previous"):
         save_adapter(model, tmp_path / "adapter")
     after = load_file(str(tmp_path / "adapter/adapter.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
