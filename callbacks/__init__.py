@@ -1,5 +1,13 @@
 """Lightning callbacks of esft-lightning, installed as `esft_lightning.callbacks`."""
 
 from .expert_selection import ExpertSelectionCallback
+from .fault_guard import NonFiniteLossError, NonFiniteLossGuard
+from .progress import ESFTProgressBar, RichEpochProgressBar
 
-__all__ = ["ExpertSelectionCallback"]
+__all__ = [
+    "ExpertSelectionCallback",
+    "NonFiniteLossGuard",
+    "NonFiniteLossError",
+    "ESFTProgressBar",
+    "RichEpochProgressBar",
+]

@@ -209,6 +209,9 @@ class ExpertSelectionCallback(L.Callback):
                 },
                 step=0,
             )
+        if trainer.logger is None:  # Lightning would fall back to default_root_dir (the cwd): write nothing
+            rank_zero_warn("ESFT: the trainer has no logger, so no log directory: expert_cfg.json not written")
+            return
         log_dir = trainer.log_dir  # a collective under several processes: every rank asks
         if not trainer.is_global_zero or log_dir is None:
             return
@@ -227,7 +230,9 @@ class ExpertSelectionCallback(L.Callback):
                 _log_figure(trainer, fig)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.write_adapter and trainer.log_dir is not None:
+        if self.write_adapter and trainer.logger is None:
+            rank_zero_warn("ESFT: the trainer has no logger, so no log directory: adapter not written")
+        elif self.write_adapter and trainer.log_dir is not None:
             path = save_adapter(pl_module.model, Path(trainer.log_dir) / "adapter")
             rank_zero_info(f"ESFT: adapter written to {path}")
 
@@ -248,7 +253,7 @@ def _checkpoint_esft_state(ckpt_path: str | None) -> dict | None:
         path = path / "meta.pt"
         if not path.exists():
             return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=path.suffix != ".pt")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=path.suffix != ".pt")
     return checkpoint.get("esft")
 
 

@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .data import ESFTDataModule
 from .module import ESFTModule
+from .run_paths import derive_output_paths, resolve_ckpt_path
+
+__all__ = ["ESFTCLI", "main", "make_cli", "resolve_ckpt_path"]
 
 if TYPE_CHECKING:
     from .callbacks import ExpertSelectionCallback
@@ -24,6 +25,14 @@ TOOLS = ("profile", "select", "merge")
 class ESFTCLI(LightningCLI):
     """LightningCLI over ESFTModule / ESFTDataModule; resumes reuse the checkpoint's expert selection."""
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        resuming_last = self.subcommand is not None and config.get("ckpt_path") == "last"
+        derive_output_paths(config, resuming_last)  # every output under trainer.default_root_dir
+        from .callbacks.progress import add_progress_bar
+
+        add_progress_bar(config.trainer)  # no `Epoch 0/-2` under max_steps
+
     def before_fit(self) -> None:
         from .callbacks import ExpertSelectionCallback
 
@@ -32,19 +41,6 @@ class ESFTCLI(LightningCLI):
         for cb in self.trainer.callbacks:
             if isinstance(cb, ExpertSelectionCallback):
                 cb.resume_ckpt = resolved
-
-
-def resolve_ckpt_path(trainer: L.Trainer, ckpt: str) -> str | None:
-    """Where `--ckpt_path` points ('last' looks in every ModelCheckpoint's dirpath), or None."""
-    if ckpt != "last":
-        return ckpt if Path(ckpt).exists() else None
-    candidates = [
-        Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-        for cb in trainer.callbacks
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath
-    ]
-    found = [p for p in candidates if p.exists()]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> ESFTCLI:

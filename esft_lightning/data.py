@@ -12,11 +12,17 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from .sources import IGNORE_INDEX, Source, tokenize_messages, tokenize_source
+from .sources import IGNORE_INDEX, DataError, Source, tokenize_messages, tokenize_source
+from .templates import Template
+
+# torchdata 0.11 calls a torch API that torch 2.13 deprecated, once per loader iterator: noise for users.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 __all__ = [
     "ESFTDataModule",
+    "DataError",
     "Source",
     "tokenize_messages",
     "pack_sequences",
@@ -40,26 +46,45 @@ class SequenceDataset(Dataset):
 
 
 class ResumableSampler(DistributedSampler):
-    """A seeded permutation per epoch that records how far it got, so a resumed run continues mid-epoch
-    exactly where the killed one stopped (Lightning saves and restores the loader's state_dict).
+    """A seeded permutation per epoch, sharded by rank, that records how far it got.
 
-    Under torch.distributed (with ``shard``) each rank takes every world_size-th index of the same
-    permutation. It is a DistributedSampler, so Lightning keeps it instead of wrapping it in its own.
+    Each rank takes every ``num_replicas``-th index of the same permutation. Like ``DistributedSampler``,
+    the permutation is padded by repeating its head until it divides evenly, so every rank yields the same
+    number of indices (and so of batches) whatever the dataset size, even with more ranks than samples:
+    ranks that ran out of batches would otherwise hang or fail Lightning's zero-length check. The state
+    (epoch, indices yielded) lets ``StatefulDataLoader`` resume mid-epoch exactly, with workers too. It
+    is a DistributedSampler, so Lightning keeps it instead of wrapping it in its own.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, shard: bool = True) -> None:
-        distributed = shard and torch.distributed.is_available() and torch.distributed.is_initialized()
-        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
-        super().__init__(range(size), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        shard: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if num_replicas is None or rank is None:
+            distributed = shard and torch.distributed.is_available() and torch.distributed.is_initialized()
+            world, here = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+            num_replicas = world if num_replicas is None else num_replicas
+            rank = here if rank is None else rank
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.size = size
         self.yielded, self._skip = 0, 0
 
     def _indices(self) -> list[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else None
-        indices = list(range(self.size)) if order is None else order.tolist()
-        if self.num_replicas > 1:
-            per_rank = math.ceil(self.size / self.num_replicas)
-            indices = (indices * 2)[: per_rank * self.num_replicas][self.rank :: self.num_replicas]  # equal shares
+        indices = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
+            if self.shuffle
+            else (list(range(self.size)))
+        )
+        if self.num_replicas > 1 and indices:
+            total = math.ceil(self.size / self.num_replicas) * self.num_replicas
+            padding = total - len(indices)
+            indices += (indices * math.ceil(padding / len(indices)))[:padding]  # DistributedSampler's padding
+            indices = indices[self.rank : total : self.num_replicas]
         return indices
 
     def __len__(self) -> int:
@@ -74,23 +99,16 @@ class ResumableSampler(DistributedSampler):
             self.yielded += 1
             yield int(i)
 
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a new epoch starts from its beginning (a restored position is for its own epoch)
+            self._skip = 0
+        super().set_epoch(epoch)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self._skip = state["epoch"], state["yielded"] % max(len(self._indices()), 1)
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position Lightning checkpoints (through its ResumableSampler)."""
-
-    def state_dict(self) -> dict[str, int]:
-        # Lightning may have swapped in its own distributed sampler: then there is no position to save.
-        return self.sampler.state_dict() if isinstance(self.sampler, ResumableSampler) else {}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state and isinstance(self.sampler, ResumableSampler):
-            self.sampler.load_state_dict(state)
 
 
 def _columns(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,6 +166,11 @@ def pack_sequences(
     return sequences, truncated
 
 
+def _has_target(sequence: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether a sequence trains at least one token (labels shift by one: the first label predicts nothing)."""
+    return bool((sequence[1][1:] != IGNORE_INDEX).any())
+
+
 def gradient_accumulation(global_batch_size: int, micro_batch_size: int, world_size: int, configured: int = 1) -> int:
     """Accumulation steps so that micro-batch x data-parallel ranks x steps = ``global_batch_size``."""
     per_step = micro_batch_size * world_size
@@ -189,6 +212,8 @@ class ESFTDataModule(L.LightningDataModule):
     ``batch_size`` is the micro-batch of one rank. ``global_batch_size`` (optional) is the batch of one
     optimizer step over all ranks: gradient accumulation is derived from it (global = micro-batch x
     data-parallel ranks x accumulation), so one config means the same on 1 or 8 GPUs.
+    ``template``: ``esft`` (ESFT's own chat format) or ``model`` (the tokenizer's chat template, trained on
+    the tokens inside its ``{% generation %}`` blocks).
     """
 
     def __init__(
@@ -207,14 +232,28 @@ class ESFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         tokenizer: str | None = None,
         cache_dir: str | None = None,
+        template: Template = "esft",
         global_batch_size: int | None = None,
         test: list[Source] | None = None,
     ) -> None:
         super().__init__()
         if not task:
             raise ValueError("ESFTDataModule needs at least one task source")
-        if general_ratio < 0:
-            raise ValueError(f"general_ratio must be >= 0, got {general_ratio}")
+        for key, value, ok, expected in (
+            ("general_ratio", general_ratio, general_ratio >= 0, ">= 0"),
+            ("seq_length", seq_length, seq_length >= 2, "an integer >= 2"),
+            ("batch_size", batch_size, batch_size >= 1, "an integer >= 1"),
+            ("val_fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"),
+            ("random_concat_ratio", random_concat_ratio, 0 <= random_concat_ratio <= 1, "in [0, 1]"),
+            ("max_val_sequences", max_val_sequences, max_val_sequences >= 0, ">= 0"),
+            ("num_workers", num_workers, num_workers >= 0, ">= 0"),
+        ):
+            if not ok:
+                raise ValueError(f"data.{key} must be {expected}, got {value!r}")
+        if num_train_sequences is not None and num_train_sequences < 1:
+            raise ValueError(f"data.num_train_sequences must be >= 1 (or null: all), got {num_train_sequences!r}")
+        if template not in ("esft", "model"):
+            raise ValueError(f"data.template must be 'esft' or 'model', got {template!r}")
         for group, sources in (("task", task), ("general", general or [])):
             for i, source in enumerate(sources):
                 if not (isinstance(source.weight, (int, float)) and source.weight >= 0):
@@ -228,11 +267,12 @@ class ESFTDataModule(L.LightningDataModule):
         self.packing, self.random_concat_ratio = packing, random_concat_ratio
         self.val_fraction, self.max_val_sequences = val_fraction, max_val_sequences
         self.num_train_sequences, self.seed, self.num_workers = num_train_sequences, seed, num_workers
-        self.tokenizer_path, self.cache_dir = tokenizer, cache_dir
+        self.tokenizer_path, self.cache_dir, self.template = tokenizer, cache_dir, template
         self.global_batch_size, self.test = global_batch_size, list(test or [])
         self.tokenizer = None
         self.train_sequences: dict[str, list] = {}
         self.val_sequences: dict[str, list] = {}
+        self.profile_sequences: dict[str, list] = {}
         self.train_dataset: SequenceDataset | None = None
 
     @property
@@ -276,10 +316,11 @@ class ESFTDataModule(L.LightningDataModule):
             raise ValueError(f"data sources need distinct names (set `name`), got {names}")
         for k, source in enumerate(self.sources):
             rng = np.random.default_rng([self.seed, k])
-            ds = tokenize_source(source.path, tokenizer, self.cache_dir)
+            ds = tokenize_source(source.path, tokenizer, self.cache_dir, self.template)
             order = rng.permutation(len(ds))
             if source.val_path:
-                val_ds, val_idx, train_idx = tokenize_source(source.val_path, tokenizer, self.cache_dir), None, order
+                val_ds = tokenize_source(source.val_path, tokenizer, self.cache_dir, self.template)
+                val_idx, train_idx = None, order
             else:
                 n_val = min(len(ds) - 1, max(1, math.ceil(self.val_fraction * len(ds)))) if len(ds) > 1 else 0
                 val_ds, val_idx, train_idx = ds, order[:n_val], order[n_val:]
@@ -296,8 +337,12 @@ class ESFTDataModule(L.LightningDataModule):
                     f"{source.path}: {truncated} samples longer than seq_length={self.seq_length} were truncated",
                     stacklevel=2,
                 )
+            # A packed chunk can hold only prompt tokens: nothing to learn, and a batch of such chunks has a
+            # mean loss of 0/0 = NaN. Training and validation skip them; routing profiling reads every chunk.
+            self.profile_sequences[source.label] = train
+            train, val = [s for s in train if _has_target(s)], [s for s in val if _has_target(s)]
             if not train:
-                raise ValueError(f"data source {source.path}: no training sequences after packing")
+                raise DataError(f"data source {source.path}: no training sequence with a trained token after packing")
             self.train_sequences[source.label] = train
             self.val_sequences[source.label] = val[: self.max_val_sequences]
         self.train_dataset = SequenceDataset(self._draw_mixture())
@@ -322,21 +367,18 @@ class ESFTDataModule(L.LightningDataModule):
     def _loader(
         self, dataset: Dataset, shuffle: bool, batch_size: int | None = None, shard: bool | None = None
     ) -> DataLoader:
-        if self.num_workers > 0 and shuffle:
-            warnings.warn(
-                "num_workers > 0: a resumed run may skip the batches the workers had prefetched when the "
-                "checkpoint was written (exact mid-epoch resume needs num_workers: 0)",
-                stacklevel=2,
-            )
         if shard is None:  # shard across ranks unless the user turned Lightning's distributed sampling off
             connector = getattr(self.trainer, "_accelerator_connector", None)
             shard = getattr(connector, "use_distributed_sampler", True)
-        return ResumableDataLoader(
+        # StatefulDataLoader checkpoints the position of the batches handed to the training loop, not of
+        # those its workers prefetched, so a resumed run continues exactly where the killed one stopped.
+        return StatefulDataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
             sampler=ResumableSampler(len(dataset), self.seed, shuffle, shard),
             collate_fn=self.collate,
             num_workers=self.num_workers,
+            persistent_workers=False,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -351,9 +393,12 @@ class ESFTDataModule(L.LightningDataModule):
         tokenizer = self._resolve_tokenizer()
         loaders = []
         for source in self.test:
-            ds = tokenize_source(source.path, tokenizer, self.cache_dir)
+            ds = tokenize_source(source.path, tokenizer, self.cache_dir, self.template)
             rng = np.random.default_rng([self.seed, 1 << 21])
             sequences, _ = pack_sequences(ds, np.arange(len(ds)), self.seq_length, self.packing, rng, 0.0)
+            sequences = [seq for seq in sequences if _has_target(seq)]
+            if not sequences:
+                raise DataError(f"{source.path}: no test sequence with a trained (assistant) token")
             loaders.append(self._loader(SequenceDataset(sequences), shuffle=False))
         return loaders
 
@@ -364,7 +409,7 @@ class ESFTDataModule(L.LightningDataModule):
         rank that profiles alone)."""
         if not self.train_sequences:
             self.setup("fit")
-        seqs = [seq for s in self.task for seq in self.train_sequences[s.label]]
+        seqs = [seq for s in self.task for seq in self.profile_sequences[s.label]]
         return self._loader(SequenceDataset(seqs), shuffle=False, batch_size=batch_size, shard=shard)
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

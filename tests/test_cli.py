@@ -1,6 +1,7 @@
 """End to end through `esft`: fit with ExpertSelectionCallback, resume, configs, profile/select, local dirs."""
 
 import csv
+import os
 from pathlib import Path
 
 import lightning as L
@@ -8,6 +9,7 @@ import pytest
 import torch
 import yaml
 from esft_lightning.callbacks import ExpertSelectionCallback
+from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import load_file
 
 from esft_lightning import ESFTDataModule, ESFTModule, Source
@@ -20,7 +22,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def quick_config(tmp_path: Path, steps: int = 6, **callback_args) -> Path:
-    """configs/quickstart.yaml shrunk to a few steps, writing under tmp_path."""
+    """configs/quickstart.yaml shrunk to a few steps; only default_root_dir says where it writes (tmp_path/run)."""
     cfg = yaml.safe_load((REPO / "configs/quickstart.yaml").read_text())
     root = str(tmp_path / "run")
     cfg["trainer"].update(
@@ -31,10 +33,9 @@ def quick_config(tmp_path: Path, steps: int = 6, **callback_args) -> Path:
         log_every_n_steps=1,
         enable_progress_bar=False,
     )
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = root
-    select, checkpoint = cfg["trainer"]["callbacks"]
+    select, checkpoint = cfg["trainer"]["callbacks"][:2]
     select["init_args"].update(max_tokens=2048, **callback_args)
-    checkpoint["init_args"].update(dirpath=f"{root}/checkpoints", every_n_train_steps=3)
+    checkpoint["init_args"].update(every_n_train_steps=3)
     cfg["model"]["model_config"].update(
         num_hidden_layers=2, n_routed_experts=16, hidden_size=64, kv_lora_rank=16, q_lora_rank=32
     )
@@ -59,6 +60,7 @@ def fit_one_step(module: ESFTModule, callback: ExpertSelectionCallback, tmp_path
         enable_progress_bar=False,
         limit_val_batches=0,
         callbacks=[callback],
+        default_root_dir=tmp_path,  # nothing may land in the checkout (Lightning's default is the cwd)
     )
     trainer.fit(module, dm)
     return trainer
@@ -83,15 +85,64 @@ def test_fit_end_to_end_writes_selection_heatmap_adapter_and_metrics(tmp_path):
     assert any(r["val/general/loss"] for r in rows) and any(r["esft/trainable_params"] for r in rows)
 
 
+def test_default_root_dir_alone_moves_every_output(tmp_path, monkeypatch):
+    text = (REPO / "configs/quickstart.yaml").read_text()
+    assert text.count("runs/quickstart") == 1  # only default_root_dir names a place; the rest derives from it
+    cfg = yaml.safe_load(quick_config(tmp_path / "cfg").read_text())
+    cfg["trainer"]["default_root_dir"] = "runs/quickstart"  # as shipped
+    (tmp_path / "cfg/quick.yaml").write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = tmp_path / "elsewhere"
+    main(["fit", "--config", str(tmp_path / "cfg/quick.yaml"), "--trainer.default_root_dir", str(out)])
+    assert not (work / "runs").exists() and list(work.iterdir()) == []
+    run = out / "logs" / "version_0"
+    for name in ("metrics.csv", "expert_cfg.json", "expert_scores.json", "adapter/adapter.safetensors"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints/last.ckpt").is_file()
+    # a second run gets its own version folder, checkpoints included: nothing is shared or renamed last-v1
+    main(["fit", "--config", str(tmp_path / "cfg/quick.yaml"), "--trainer.default_root_dir", str(out)])
+    assert (out / "logs/version_1/checkpoints/last.ckpt").is_file()
+    assert not list(run.glob("checkpoints/last-v*.ckpt"))
+
+
+def test_ckpt_path_last_resolves_as_lightning_does(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from esft_lightning.cli import resolve_ckpt_path
+
+    older, newer = tmp_path / "a", tmp_path / "b"
+    for folder, name in ((older, "last.ckpt"), (newer, "last-v1.ckpt")):
+        folder.mkdir()
+        (folder / name).write_bytes(b"x")
+    os.utime(older / "last.ckpt", (1, 1))
+    trainer = L.Trainer(
+        logger=False,
+        default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=older), ModelCheckpoint(dirpath=newer, monitor="val/loss")],
+    )
+    connector = trainer._checkpoint_connector
+    expected = connector._parse_ckpt_path(TrainerFn.FITTING, "last", model_provided=True, model_connected=False)
+    assert resolve_ckpt_path(trainer, "last") == str(expected) == str(newer / "last-v1.ckpt")
+    assert resolve_ckpt_path(trainer, str(older / "last.ckpt")) == str(older / "last.ckpt")
+    empty = L.Trainer(logger=False, default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path / "c")])
+    assert resolve_ckpt_path(empty, "last") is None
+
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     epoch = ["--data.num_train_sequences", "10"]  # 5 batches an epoch: the resumed run crosses an epoch end
     main(["fit", "--config", str(quick_config(tmp_path / "a", steps=8)), *epoch])
     uninterrupted = load_file(str(log_dirs(tmp_path / "a")[-1] / "adapter" / "adapter.safetensors"))
     cfg = quick_config(tmp_path / "b", steps=4)  # stops after step 4; last checkpoint: step 3
     main(["fit", "--config", str(cfg), *epoch])
-    ckpt = tmp_path / "b/run/checkpoints/last.ckpt"
+    ckpt = log_dirs(tmp_path / "b")[-1] / "checkpoints/last.ckpt"  # in the run's own version folder
     (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
     main(["fit", "--config", str(cfg), "--trainer.max_steps", "8", "--ckpt_path", "last", *epoch])
+    assert len(log_dirs(tmp_path / "b")) == 1  # the resumed run continued in the version it resumed
+    rows = list(csv.DictReader((log_dirs(tmp_path / "b")[-1] / "metrics.csv").open()))
+    steps = {int(r["step"]) for r in rows if r["train/loss"]}
+    assert {0, 7} <= steps  # the history before the crash is kept, the resumed steps appended
     resumed = load_file(str(log_dirs(tmp_path / "b")[-1] / "adapter" / "adapter.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
@@ -165,7 +216,7 @@ def test_model_from_local_directory(tmp_path):
 
 def test_checkpoint_reloads_with_its_selection_outside_fit(tmp_path):
     main(["fit", "--config", str(quick_config(tmp_path, steps=3))])
-    ckpt = tmp_path / "run/checkpoints/last.ckpt"
+    ckpt = log_dirs(tmp_path)[-1] / "checkpoints/last.ckpt"
     saved = torch.load(ckpt, weights_only=False)
     module = ESFTModule.load_from_checkpoint(ckpt)  # no callback: the checkpoint brings its selection
     assert module.expert_config.experts == ExpertConfig.from_dict(saved["esft"]["expert_config"]).experts
@@ -174,6 +225,11 @@ def test_checkpoint_reloads_with_its_selection_outside_fit(tmp_path):
     main(["validate", "--config", str(quick_config(tmp_path, steps=3)), "--ckpt_path", str(ckpt)])
     rows = list(csv.DictReader((log_dirs(tmp_path)[-1] / "metrics.csv").open()))
     assert any(r.get("val/intent/loss") for r in rows)  # validated the checkpoint's trained experts
+    # `validate --ckpt_path last` finds the run's checkpoint too (in the version folder that holds it)
+    main(["validate", "--config", str(quick_config(tmp_path, steps=3)), "--ckpt_path", "last"])
+    assert len(log_dirs(tmp_path)) == 2
+    rows = list(csv.DictReader((log_dirs(tmp_path)[0] / "metrics.csv").open()))
+    assert sum(1 for r in rows if r.get("val/intent/loss")) >= 2
 
 
 def test_existing_expert_config_skips_profiling(tmp_path):

@@ -34,10 +34,8 @@ def test_bad_records_name_file_and_line(tmp_path):
     bad_json.write_text(json.dumps(chat("a", "b")) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
         tokenize_source(bad_json, tok, tmp_path / "c")
-    bad_role = write_jsonl(
-        tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "system", "content": "x"}]}]
-    )
-    with pytest.raises(ValueError, match=r"role\.jsonl:2: message 0 has unknown role 'system'"):
+    bad_role = write_jsonl(tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "tool", "content": "x"}]}])
+    with pytest.raises(ValueError, match=r"role\.jsonl:2: message 0 has unknown role 'tool'"):
         tokenize_source(bad_role, tok, tmp_path / "c")
     no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"prompt": "x"}])
     with pytest.raises(ValueError, match=r"nofield\.jsonl:1: record needs 'messages'"):
@@ -111,11 +109,14 @@ def test_packing_and_truncation(tmp_path):
     dm = ESFTDataModule(task=[Source(str(path))], seq_length=32, packing="pack", val_fraction=0.1)
     dm.setup("fit")
     assert all(len(ids) == 32 for ids, _ in dm.train_dataset.sequences)
-    padded = ESFTDataModule(task=[Source(str(path))], seq_length=32, packing="pad")
+    padded = ESFTDataModule(task=[Source(str(path))], seq_length=64, packing="pad")
     with pytest.warns(UserWarning, match="truncated"):
         padded.setup("fit")
     batch = next(iter(padded.train_dataloader()))
-    assert batch["input_ids"].shape[1] == 32 and batch["attention_mask"].all()
+    assert batch["input_ids"].shape[1] == 64 and batch["attention_mask"].all()
+    cut = ESFTDataModule(task=[Source(str(path))], seq_length=32, packing="pad")  # truncation cuts every reply
+    with pytest.raises(ValueError, match="no training sequence with a trained token"), pytest.warns(UserWarning):
+        cut.setup("fit")
 
 
 def test_resumable_sampler_continues_mid_epoch():
@@ -164,3 +165,100 @@ def test_random_concatenation_fills_sequences(tmp_path):
     concat.setup("fit")
     lengths = [len(ids) for ids, _ in concat.train_dataset.sequences]
     assert max(lengths) <= 256 and np.mean(lengths) > 4 * np.mean([len(i) for i, _ in plain.train_dataset.sequences])
+
+
+@pytest.mark.parametrize("size, world", [(1, 3), (2, 5), (7, 3), (10, 4), (0, 2)])
+def test_every_rank_gets_the_same_number_of_indices(size, world):
+    from esft_lightning.data import ResumableSampler
+
+    for shuffle in (True, False):
+        shards = [
+            list(ResumableSampler(size, seed=1, shuffle=shuffle, num_replicas=world, rank=r)) for r in range(world)
+        ]
+        assert len({len(s) for s in shards}) == 1  # equal shares, padded like DistributedSampler
+        assert all(len(s) == -(-size // world) for s in shards)
+        assert set().union(*shards) == set(range(size))  # every sample is seen on some rank
+
+
+def test_loader_length_is_equal_on_every_rank_with_more_ranks_than_sequences(tmp_path, monkeypatch):
+    """The 3-process crash: one validation sequence, three ranks -> each rank still gets one batch."""
+    import torch.distributed as dist
+
+    path = write_jsonl(tmp_path / "t.jsonl", [chat(f"q{i}", f"a{i}") for i in range(40)])
+    dm = ESFTDataModule(task=[Source(str(path))], seq_length=4096, val_fraction=0.05, batch_size=4)
+    dm.setup("fit")
+    assert len(dm.val_sequences["t"]) == 1  # the held-out samples pack into a single sequence
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    lengths = []
+    for rank in range(3):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        (val,) = dm.val_dataloader()
+        lengths.append(len(val))
+        assert len(list(val)) == 1
+    assert lengths == [1, 1, 1]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resumes_mid_epoch_exactly(tmp_path, num_workers):
+    path = write_jsonl(tmp_path / "t.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(60)])
+    dm = ESFTDataModule(task=[Source(str(path))], seq_length=64, packing="pad", batch_size=3, num_workers=num_workers)
+    dm.setup("fit")
+
+    def ids(batches):
+        return [b["input_ids"].tolist() for b in batches]
+
+    for epoch in (0, 2):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        it = iter(loader)
+        head = [next(it) for _ in range(4)]
+        state = loader.state_dict()  # what Lightning checkpoints after the 4th batch (workers prefetched more)
+        rest = list(it)
+        resumed = dm.train_dataloader()  # a fresh process: fresh loader, sampler at epoch 0
+        resumed.load_state_dict(state)
+        resumed.sampler.set_epoch(epoch)
+        assert ids(resumed) == ids(rest)
+        assert len(head) + len(rest) == len(loader)
+        again = dm.train_dataloader()
+        again.sampler.set_epoch(epoch)
+        assert ids(again) == ids(head + rest)  # same seed and epoch: same order
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("seq_length", 1),
+        ("batch_size", 0),
+        ("val_fraction", 1.0),
+        ("random_concat_ratio", 2.0),
+        ("general_ratio", -1),
+        ("num_workers", -1),
+        ("num_train_sequences", 0),
+        ("template", "chatml"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path, key, value):
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("q", "a")])
+    with pytest.raises(ValueError, match=rf"data\.{key} must be"):
+        ESFTDataModule(task=[Source(str(path))], **{key: value})
+
+
+def test_folder_that_is_not_a_dataset_is_named(tmp_path):
+    from esft_lightning.sources import DataError
+
+    (tmp_path / "notdata").mkdir()
+    (tmp_path / "notdata/readme.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"notdata: not a JSONL file or a datasets.save_to_disk directory"):
+        tokenize_source(tmp_path / "notdata", byte_tokenizer(), tmp_path / "c")
+
+
+def test_prompt_only_chunks_are_not_trained_on(tmp_path):
+    """A packed chunk inside a long prompt trains nothing; a batch of them had a NaN mean loss (0 / 0)."""
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("p" * 200, "r") for _ in range(40)])
+    dm = ESFTDataModule(task=[Source(str(path))], seq_length=32, packing="pack", val_fraction=0.2)
+    dm.setup("fit")
+    assert all((labels[1:] != IGNORE_INDEX).any() for _, labels in dm.train_dataset.sequences)
+    assert all((labels[1:] != IGNORE_INDEX).any() for _, labels in dm.val_sequences["t"])
+    profiled = sum(len(b["input_ids"]) for b in dm.task_dataloader())
+    assert profiled > len(dm.train_sequences["t"])  # routing profiling still reads the prompt-only chunks

@@ -61,7 +61,7 @@ def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
     for row in rows:
         assert float(row["train/ppl"]) == pytest.approx(math.exp(float(row["train/loss"])), rel=1e-5)
     # save_trainable_only: false -> the whole model under its own keys and shapes, trained rows merged in
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert not any("esft_" in k for k in state)
     for layer, ids in config.experts.items():
         fused = state[f"model.model.layers.{layer}.mlp.experts.gate_up_proj"]
@@ -111,7 +111,7 @@ def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path):
     run_a = sorted((tmp_path / "a/run/logs").glob("version_*"))[-1]
     cfg = quick_config(tmp_path / "b", steps=4)
     fsdp_fit(cfg, tmp_path)
-    ckpt = tmp_path / "b/run/checkpoints/last.ckpt"
+    ckpt = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1] / "checkpoints/last.ckpt"
     (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
     out = fsdp_fit(cfg, tmp_path, "--trainer.max_steps", "6", "--ckpt_path", "last")
     assert "resuming with the checkpoint's expert selection" in out

@@ -1,0 +1,200 @@
+"""Chat templates -> (input_ids, labels): ESFT's own format, or the tokenizer's `apply_chat_template`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+Template = Literal["esft", "model"]
+ROLES = ("system", "user", "assistant")
+# transformers marks the assistant's tokens through `{% generation %}` blocks in the template (the same test).
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class DataError(ValueError):
+    """Bad input data. The message names where (``file:line``, ``dir[row]``) and what was expected."""
+
+
+def tokenize_messages(
+    messages: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    where: str = "record",
+    template: Template = "esft",
+) -> tuple[list[int], list[int]]:
+    """One conversation -> (input_ids, labels), labels -100 where not trained.
+
+    ``esft`` (ESFT's template): BOS; each system message ``{content}\\n\\n`` (masked); each user turn
+    ``User: {content}\\n\\nAssistant:`` (masked); each assistant turn `` {content}`` + EOS (trained unless the
+    message has ``"mask": 1``); contents stripped; encoded without special tokens.
+    ``model``: the tokenizer's own chat template; trained tokens are those inside its ``{% generation %}``
+    blocks (assistant replies), except replies with ``"mask": 1``.
+    """
+    return encode_records([(where, {"messages": messages})], tokenizer, template)[0]
+
+
+def encode_records(
+    located: Sequence[tuple[str, Any]], tokenizer: PreTrainedTokenizerBase, template: Template = "esft"
+) -> list[tuple[list[int], list[int]]]:
+    """(location, record) pairs -> (input_ids, labels) each; records are chats or ``{"text": ...}``."""
+    if template not in ("esft", "model"):
+        raise ValueError(f"template must be 'esft' or 'model', got {template!r}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token: replies and texts end with it")
+    kinds = [_check_record(record, where) for where, record in located]
+    out: list[tuple[list[int], list[int]] | None] = [None] * len(located)
+    esft = [i for i, kind in enumerate(kinds) if kind == "text" or template == "esft"]
+    if esft:
+        segments = [_esft_segments(located[i][1], located[i][0]) for i in esft]
+        flat = [text for segs in segments for text, _, _ in segs]
+        encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        start = 0
+        for i, segs in zip(esft, segments):
+            out[i] = _assemble(segs, encoded[start : start + len(segs)], tokenizer)
+            start += len(segs)
+    chats = [i for i, kind in enumerate(kinds) if kind == "chat" and template == "model"]
+    if chats:
+        check_template(tokenizer, "model")
+        for i, pair in zip(chats, _model_encode([located[i] for i in chats], tokenizer)):
+            out[i] = pair
+    return out  # type: ignore[return-value]
+
+
+def check_template(tokenizer: PreTrainedTokenizerBase, template: Template) -> None:
+    """Raise before any data is read when ``template`` cannot work with ``tokenizer``."""
+    if template == "esft":
+        return
+    if template != "model":
+        raise ValueError(f"template must be 'esft' or 'model', got {template!r}")
+    chat_template = model_chat_template(tokenizer)
+    if chat_template is None:
+        raise ValueError(
+            f"data.template is 'model' but tokenizer {tokenizer.name_or_path!r} has no chat template: "
+            "use template: esft, or a tokenizer whose tokenizer_config.json has a chat_template"
+        )
+    if not _GENERATION_MARKER.search(chat_template):
+        raise ValueError(
+            f"the chat template of tokenizer {tokenizer.name_or_path!r} has no {{% generation %}} markers, so the "
+            "assistant's tokens (the trained ones) cannot be told from the prompt: wrap each assistant reply of the "
+            "template in {% generation %}...{% endgeneration %} (see docs/design.md), or use template: esft"
+        )
+
+
+def model_chat_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The tokenizer's default chat template, or None."""
+    try:
+        return tokenizer.get_chat_template()
+    except ValueError:  # transformers: "Cannot use chat template functions because ... no chat template"
+        return None
+
+
+# -- validation -------------------------------------------------------------------------------------
+def _check_record(record: Any, where: str) -> str:
+    """'chat' or 'text'; raises DataError naming ``where`` for anything else."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                raise DataError(f"{where}: message {i} must be an object with a string 'content'")
+            role = message.get("role")
+            if not isinstance(role, str) or role not in ROLES:
+                raise DataError(f"{where}: message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            if message.get("mask", 0) not in (0, 1):  # (True and False compare equal to 1 and 0)
+                raise DataError(f"{where}: message {i} has 'mask' {message['mask']!r} (expected 0 or 1)")
+            _check_unicode(message["content"], f"{where}: message {i} content")
+        return "chat"
+    if isinstance(record.get("text"), str):
+        _check_unicode(record["text"], f"{where}: 'text'")
+        return "text"
+    raise DataError(f"{where}: record needs 'messages' (ESFT chat format) or a string 'text'")
+
+
+def _check_unicode(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON escapes can encode lone surrogates, which no tokenizer takes
+        raise DataError(f"{what} is not valid Unicode ({err.reason} at character {err.start})") from None
+
+
+# -- ESFT's template ----------------------------------------------------------------------------------
+def _esft_segments(record: dict[str, Any], where: str) -> list[tuple[str, bool, bool]]:
+    """(text, is_reply, trained) per segment of a validated record."""
+    if "messages" not in record:
+        return [(record["text"], True, True)]  # plain text: BOS + text + EOS, all trained
+    segments = []
+    for message in record["messages"]:
+        role, content = message["role"], message["content"].strip()
+        if role == "system":
+            segments.append((f"{content}\n\n", False, False))
+        elif role == "user":
+            segments.append((f"User: {content}\n\nAssistant:", False, False))
+        else:
+            segments.append((f" {content}", True, message.get("mask", 0) != 1))
+    return segments
+
+
+def _assemble(
+    segments: list[tuple[str, bool, bool]], encoded: list[list[int]], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    # Some tokenizers (Qwen's) have no BOS token: then the sequence starts with the first turn.
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+    for (_, is_reply, trained), ids in zip(segments, encoded):
+        if is_reply:
+            ids = [*ids, tokenizer.eos_token_id]
+        input_ids.extend(ids)
+        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+    return input_ids, labels
+
+
+# -- the tokenizer's own template ---------------------------------------------------------------------
+def _model_encode(
+    located: Sequence[tuple[str, dict[str, Any]]], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[list[int], list[int]]]:
+    conversations = [[{"role": m["role"], "content": m["content"]} for m in r["messages"]] for _, r in located]
+    try:
+        out = tokenizer.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+    except Exception:  # a template may refuse a record (e.g. raise_exception on a system role): find which
+        for (where, _), conversation in zip(located, conversations):
+            try:
+                tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)
+            except Exception as err:
+                raise DataError(f"{where}: the tokenizer's chat template rejected this record: {err}") from None
+        raise
+    pairs = []
+    for (where, record), ids, mask in zip(located, out["input_ids"], out["assistant_masks"]):
+        mask = list(mask)
+        masked = [m.get("mask", 0) == 1 for m in record["messages"] if m["role"] == "assistant"]
+        if any(masked):
+            runs = _runs(mask)
+            if len(runs) != len(masked):
+                raise DataError(
+                    f"{where}: 'mask' needs one generation block per assistant reply in the chat template "
+                    f"(found {len(runs)} blocks for {len(masked)} replies)"
+                )
+            for (start, end), drop in zip(runs, masked):
+                if drop:
+                    mask[start:end] = [0] * (end - start)
+        pairs.append((list(ids), [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]))
+    return pairs
+
+
+def _runs(mask: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of ones."""
+    runs, start = [], None
+    for i, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
