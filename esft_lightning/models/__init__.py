@@ -88,7 +88,9 @@ def get_family(model_or_type: nn.Module | str) -> MoEFamily:
     model_type = _model_type(model_or_type)
     family = FAMILIES.get(model_type)
     if family is not None and family.unsupported:
-        raise UnsupportedModelError(f"{model_type}: esft-lightning cannot train this family's experts: {family.unsupported}")
+        raise UnsupportedModelError(
+            f"{model_type}: esft-lightning cannot train this family's experts: {family.unsupported}"
+        )
     if isinstance(model_or_type, str):
         if family is None and model_type not in causal_lm_moe_families():
             raise UnsupportedModelError(

@@ -61,4 +61,4 @@ class MoELayer:
                 if isinstance(value, int):
                     return value
         config = self.experts.config
-        return int(getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk"))
+        return int(getattr(config, "num_experts_per_tok", None) or config.moe_topk)

@@ -65,7 +65,9 @@ def discover_moe_layers(model: nn.Module, family: MoEFamily) -> list[MoELayer]:
     """Every decoder layer holding a fused experts module, with the model's own layer numbering."""
     model_type = family.model_type
     if family.unsupported:
-        raise UnsupportedModelError(f"{model_type}: esft-lightning cannot train this family's experts: {family.unsupported}")
+        raise UnsupportedModelError(
+            f"{model_type}: esft-lightning cannot train this family's experts: {family.unsupported}"
+        )
     layers = decoder_layers(model)
     recorders = _router_recorders(model)
     found = []

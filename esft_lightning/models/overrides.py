@@ -22,7 +22,8 @@ TINY_FIXES = (
     MoEFamily(
         "dots3_note",
         tiny_config=dict(
-            text_config=dict(per_layer_config={}, head_dim=24), vision_config=dict(adapter_in_dim=64, adapter_out_dim=64),
+            text_config=dict(per_layer_config={}, head_dim=24),
+            vision_config=dict(adapter_in_dim=64, adapter_out_dim=64),
             audio_config=dict(adapter_input_size=64, adapter_out_dim=64),
         ),
     ),
