@@ -94,9 +94,9 @@ def get_family(model_or_type: nn.Module | str) -> MoEFamily:
     if isinstance(model_or_type, str):
         if family is None and model_type not in causal_lm_moe_families():
             raise UnsupportedModelError(
-                f"Unsupported MoE architecture {model_type!r}: not a causal-LM MoE family of the installed transformers "
-                f"(supported: the MoE families with fused experts modules, e.g. {', '.join(sorted(FAMILIES)[:6])}; "
-                "see docs/families.md)"
+                f"Unsupported MoE architecture {model_type!r}: not a causal-LM MoE family of the installed "
+                "transformers (supported: MoE families with fused experts modules, e.g. deepseek_v3, mixtral, "
+                "qwen3_moe, gpt_oss: see docs/families.md)"
             )
         return family or MoEFamily(model_type, discovered=True)
     if family is None:

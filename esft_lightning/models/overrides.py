@@ -49,7 +49,8 @@ TINY_FIXES = (
 )
 
 _DENSE_SCORES = (
-    "every token runs through every expert, scaled by a per-expert sigmoid score (no top-k expert inputs to split)"
+    "its experts run on every token, weighted by dense [tokens x experts] scores that are zero outside the top-k, "
+    "instead of receiving top-k expert ids"
 )
 REFUSED = (
     MoEFamily("llama4", unsupported=_DENSE_SCORES),
@@ -58,7 +59,9 @@ REFUSED = (
     MoEFamily("jetmoe", unsupported="its attention heads are experts too (mixture of attention) with its own kernels"),
     MoEFamily(
         "longcat_flash",
-        unsupported="zero-computation experts are mixed into the routed expert ids, outside transformers' experts layout",
+        unsupported=(
+            "zero-computation experts are mixed into the routed expert ids, outside transformers' experts layout"
+        ),
     ),
     MoEFamily("doge", unsupported="its cross-domain MoE retrieves experts from embedding tables, not expert matrices"),
 )
