@@ -63,13 +63,22 @@ def affinities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus", "probabilities")
 
 
-def infer_scoring(logits: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> str | None:
+def _fallback_scoring(logits: torch.Tensor) -> str:
+    """Without matching weights: router outputs that are already distributions are probabilities, else softmax."""
+    logits = logits.float()
+    is_distribution = bool((logits >= 0).all()) and bool(torch.allclose(logits.sum(-1), torch.ones(()), atol=1e-4))
+    return "probabilities" if is_distribution else "softmax"
+
+
+def infer_scoring(
+    logits: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int | None = None
+) -> str | None:
     """The scoring function whose affinities, renormalised over each token's top-k, equal the router's own weights.
 
     Routers weight a token's experts by their affinities, renormalised and/or scaled; the ratios between a token's
     weights therefore identify the function. None when no candidate matches (or a token has a single expert).
     """
-    valid = (top_k_index >= 0) & (top_k_index < logits.shape[-1]) & (top_k_weights != 0)
+    valid = (top_k_index >= 0) & (top_k_index < (num_experts or logits.shape[-1])) & (top_k_weights != 0)
     rows = valid.all(dim=-1) & (valid.shape[-1] > 1)
     if not bool(rows.any()):
         return None
@@ -97,8 +106,9 @@ class _LayerAccumulator:
 
     def router_output(self, output: torch.Tensor | tuple) -> None:
         logits = output[self.layer.router_output_index] if isinstance(output, (tuple, list)) else output
-        if isinstance(logits, torch.Tensor) and logits.shape[-1] == self.layer.num_experts:
-            self.logits = logits.reshape(-1, self.layer.num_experts)
+        # Some routers score extra classes after the experts (e.g. a skip expert): affinities over all classes.
+        if isinstance(logits, torch.Tensor) and logits.dim() >= 2 and logits.shape[-1] >= self.layer.num_experts:
+            self.logits = logits.reshape(-1, logits.shape[-1])
 
     def __call__(self, token_weight: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:
         # token_weight[t] = 1 / (non-padding tokens of t's sequence), 0 for padding: summing weighted
@@ -117,7 +127,7 @@ class _LayerAccumulator:
         logits, self.logits = self.logits, None
         if logits is not None and logits.shape[0] == topk_idx.shape[0]:
             if self.scoring is None:
-                self.scoring = infer_scoring(logits, topk_idx, topk_weights) or "softmax"
+                self.scoring = infer_scoring(logits, topk_idx, topk_weights, num_experts) or _fallback_scoring(logits)
             affinity = affinities(logits, self.scoring).gather(1, safe_idx)
         else:  # no router logits to observe: the experts' routing weights are the affinities
             self.scoring = "routing_weights"
@@ -164,7 +174,8 @@ def profile_routing(
     def experts_hook(acc: _LayerAccumulator) -> Callable[[nn.Module, tuple, dict], None]:
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             # experts(hidden_states, top_k_index, top_k_weights), positionally or by any keyword names
-            routing = [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor)]
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            routing = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t is not hidden]
             index = next(t for t in routing if not t.is_floating_point())
             weights = next(t for t in routing if t.is_floating_point())
             acc(current["token_weight"], index, weights)

@@ -13,9 +13,13 @@ LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has
 def is_experts_module(module: nn.Module) -> bool:
     """Whether ``module`` is a transformers fused experts module (its class decorated by
     ``use_experts_implementation``, so its forward dispatches through ``ExpertsInterface``)."""
-    code = getattr(type(module).forward, "__code__", None)
-    qualname = getattr(code, "co_qualname", "")
-    return "use_experts_implementation" in qualname and hasattr(module, "num_experts")
+    forward = type(module).forward
+    qualname = getattr(getattr(forward, "__code__", None), "co_qualname", None)  # Python >= 3.11
+    if qualname is not None:
+        decorated = "use_experts_implementation" in qualname
+    else:  # the wrapper keeps the class's own forward as __wrapped__ and sets the layout flags on the instance
+        decorated = hasattr(forward, "__wrapped__") and all(hasattr(module, flag) for flag in LAYOUT_FLAGS)
+    return decorated and hasattr(module, "num_experts")
 
 
 def _router_recorders(model: nn.Module) -> list[tuple[type, int]]:

@@ -6,13 +6,16 @@ TINY_FIXES = (
     # MoE sizes left unset (None) in the config class defaults.
     MoEFamily("dots1", tiny_config=dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1)),
     MoEFamily("hunyuan_v1_moe", tiny_config=dict(num_experts=8, moe_topk=2, head_dim=16)),
-    # The MoE block is off by default.
+    # The MoE block is off by default. The router outputs probabilities (softmax over all experts) and scales the
+    # renormalised top-k weights per expert, so its scoring cannot be inferred from the weights.
     MoEFamily(
         "gemma4_text",
+        scoring="probabilities",
         tiny_config=dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32),
     ),
     MoEFamily(
         "gemma4",
+        scoring="probabilities",
         tiny_config=dict(
             text_config=dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32)
         ),
