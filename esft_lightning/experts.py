@@ -162,6 +162,11 @@ def _install_split(experts: nn.Module, ids: list[int], dtype: torch.dtype | None
     slot_of_expert[index] = torch.arange(len(ids), device=device)
     experts.register_buffer("esft_expert_ids", index, persistent=False)
     experts.register_buffer("esft_slot_of_expert", slot_of_expert, persistent=False)
+    # Group ids of the esft forward: frozen expert e -> e, selected expert -> E + slot, placeholder (E) -> E + k.
+    group_of_expert = torch.arange(experts.num_experts + 1, device=device)
+    group_of_expert[index] = experts.num_experts + torch.arange(len(ids), device=device)
+    group_of_expert[-1] = experts.num_experts + len(ids)
+    experts.register_buffer("esft_group_of_expert", group_of_expert, persistent=False)
     for name in names:
         full = getattr(experts, name)
         trained = full.detach()[index].to(dtype or full.dtype, copy=True)
@@ -186,7 +191,7 @@ def remove_expert_split(model: nn.Module) -> None:
                 delattr(module, TRAINED_PREFIX + name)
         for handle in module._esft_hooks:
             handle.remove()
-        for attr in ("esft_expert_ids", "esft_slot_of_expert", "_esft_slots", "_esft_hooks"):
+        for attr in ("esft_expert_ids", "esft_slot_of_expert", "esft_group_of_expert", "_esft_slots", "_esft_hooks"):
             delattr(module, attr)
     _restore_implementation(model)
     if hasattr(model, "esft_expert_config"):

@@ -134,30 +134,30 @@ def _split_grouped(
     up, down, *biases = expert_param_names(self)
     num_experts, num_slots = self.num_experts, self.esft_expert_ids.numel()
     top_k = top_k_index.shape[-1]
-    expert_ids = top_k_index.reshape(-1)
-    valid = (expert_ids >= 0) & (expert_ids < num_experts)  # placeholders (>= num_experts) contribute nothing
-    slots = self.esft_slot_of_expert[expert_ids.clamp(0, num_experts - 1)]
-    # One sort: frozen pairs first (grouped by expert), then trained pairs (grouped by slot), placeholders last.
-    group = torch.where(slots >= 0, num_experts + slots, expert_ids)
-    group = torch.where(valid, group, num_experts + num_slots)
+    # Group of each token-expert pair: frozen experts 0..E-1 keep their id, selected experts go to E + slot, and
+    # placeholder ids (>= E, e.g. expert-parallel sentinels) to a last group that is never computed. One sort then
+    # puts frozen pairs first (by expert), trained pairs next (by slot), placeholders last.
+    group = self.esft_group_of_expert[top_k_index.reshape(-1).clamp(0, num_experts)]
     group, order = torch.sort(group)
     counts = torch.bincount(group, minlength=num_experts + num_slots + 1)
-    sizes = torch.stack((counts[:num_experts].sum(), counts[num_experts:-1].sum()))
-    num_frozen, num_trained = sizes.tolist()  # the one host sync per layer: grouped_mm needs the split points
+    ends = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    # The one host sync per layer: grouped_mm needs the split points.
+    num_frozen, num_routed = ends[[num_experts - 1, num_experts + num_slots - 1]].tolist()
     token_of_pair = order // top_k
     weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
     out = torch.zeros_like(hidden_TH)
     parts = (
-        (0, num_frozen, counts[:num_experts], "", 0),
-        (num_frozen, num_frozen + num_trained, counts[num_experts:-1], TRAINED_PREFIX, num_experts),
+        (0, num_frozen, ends[:num_experts], "", 0),
+        (num_frozen, num_routed, ends[num_experts:-1] - num_frozen, TRAINED_PREFIX, num_experts),
     )
-    for start, end, group_counts, prefix, first_group in parts:
+    for start, end, offsets, prefix, first_group in parts:
         if end == start:
             continue
         tokens = token_of_pair[start:end]
-        offsets = torch.cumsum(group_counts, dim=0, dtype=torch.int32)
-        expert_of_pair = group[start:end] - first_group
-        b_up, b_down = (getattr(self, prefix + n)[expert_of_pair] for n in biases) if biases else (None, None)
+        b_up = b_down = None
+        if biases:  # per-pair bias rows: the expert (frozen part) or slot (trained part) each pair went to
+            expert_of_pair = group[start:end] - first_group
+            b_up, b_down = (getattr(self, prefix + n)[expert_of_pair] for n in biases)
         w_up, w_down = getattr(self, prefix + up), getattr(self, prefix + down)
         h = _expert_output(self, _grouped_linear(hidden_TH[tokens], w_up, offsets, b_up, self.is_transposed))
         y = _grouped_linear(h, w_down, offsets, b_down, self.is_transposed)

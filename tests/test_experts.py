@@ -341,3 +341,22 @@ def test_split_falls_back_to_the_loop_where_grouped_mm_cannot_run(patch, monkeyp
         torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_placeholder_expert_ids_contribute_nothing(impl):
+    model = build_tiny_model("qwen3_moe", experts_implementation=impl)
+    layer = find_moe_layers(model)[0]
+    apply_expert_config(model, ExpertConfig({layer.index: [2, 7]}))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=g)
+    index = torch.randint(0, layer.num_experts, (6, 4), generator=g)
+    index[:, 0] = torch.tensor([2, 7, 2, 0, 7, 1])  # selected experts are routed to
+    index[0, 1], index[3, 2] = layer.num_experts, layer.num_experts + 5  # expert-parallel style placeholders
+    weights = torch.rand(6, 4, generator=g)
+    placeholder = index >= layer.num_experts
+    with torch.no_grad():
+        got = layer.experts(x, index, weights)
+        want = layer.experts(x, index.masked_fill(placeholder, 0), weights.masked_fill(placeholder, 0.0))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert got.abs().sum() > 0
