@@ -122,3 +122,20 @@ def test_family_end_to_end(family, tmp_path):
     with torch.no_grad():
         want_logits = model(input_ids=ids, attention_mask=mask).logits
         torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits, want_logits, atol=1e-5, rtol=0)
+
+
+def test_docs_table_lists_what_the_code_supports():
+    import re
+
+    import transformers
+
+    from .conftest import REPO
+
+    text = (REPO / "docs" / "families.md").read_text()
+    documented_version = re.search(r"with transformers (\S+):", text)[1]
+    if documented_version != transformers.__version__:
+        pytest.skip(f"docs/families.md was generated with transformers {documented_version}")
+    rows = dict(re.findall(r"^\| `(\w+)` \| (supported|refused) \|", text, re.MULTILINE))
+    stale = "docs/families.md is stale: python -m esft_lightning.models --markdown > docs/families.md"
+    assert sorted(f for f, s in rows.items() if s == "supported") == SUPPORTED, stale
+    assert sorted(f for f, s in rows.items() if s == "refused") == REFUSED, stale
