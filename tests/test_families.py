@@ -68,9 +68,10 @@ def expected_token_scores(model, ids, mask):
     return scores
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 @pytest.mark.parametrize("family", SUPPORTED)
-def test_family_end_to_end(family, tmp_path):
-    model = build_tiny_model(family).eval()
+def test_family_end_to_end(family, impl, tmp_path):
+    model = build_tiny_model(family, experts_implementation=impl).eval()
     ids, mask = batch()
     profile = profile_routing(model, [{"input_ids": ids, "attention_mask": mask}], progress=False)
     want = expected_token_scores(model, ids, mask)
@@ -117,7 +118,7 @@ def test_family_end_to_end(family, tmp_path):
             assert torch.equal(trained[key], value), key
 
     save_adapter(model, tmp_path / "adapter")
-    fresh = build_tiny_model(family).eval()
+    fresh = build_tiny_model(family, experts_implementation=impl).eval()
     load_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():
         want_logits = model(input_ids=ids, attention_mask=mask).logits
