@@ -360,3 +360,23 @@ def test_placeholder_expert_ids_contribute_nothing(impl):
         want = layer.experts(x, index.masked_fill(placeholder, 0), weights.masked_fill(placeholder, 0.0))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp32_trainables_of_a_bf16_biased_transposed_model(impl):
+    model = build_tiny_model("gpt_oss", experts_implementation=impl).to(torch.bfloat16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_expert_config(model, selection(model, picks=(2, 6)), trainable_dtype=torch.float32)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 4 * len(find_moe_layers(model))  # gate_up, down and both biases per layer
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    ids = batch()
+    model(ids, labels=ids).loss.backward()
+    torch.optim.AdamW(trainable.values(), lr=1e-5, weight_decay=0.1).step()
+    state = model.state_dict()
+    assert all(state[k].dtype == torch.bfloat16 and state[k].shape == v.shape for k, v in original.items())
+    moved = (
+        state["model.layers.0.mlp.experts.gate_up_proj_bias"]
+        != original["model.layers.0.mlp.experts.gate_up_proj_bias"]
+    )
+    assert moved.any(dim=1).nonzero().flatten().tolist() in ([2, 6], [2], [6])  # only selected biases can move
