@@ -71,7 +71,29 @@ def expected_token_scores(model, ids, mask):
 @pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_family_end_to_end(family, impl, tmp_path):
-    model = build_tiny_model(family, experts_implementation=impl).eval()
+    end_to_end(lambda: build_tiny_model(family, experts_implementation=impl).eval(), tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "gemma4", "dots3_note"])
+def test_vision_language_models_train_their_language_model_experts(family, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from esft_lightning.models import tiny_config
+
+    def build():
+        torch.manual_seed(0)
+        return AutoModelForImageTextToText.from_config(tiny_config(family)).eval()
+
+    model = build()
+    chosen = {id(layer.experts) for layer in find_moe_layers(model)}
+    names = [n for n, m in model.named_modules() if id(m) in chosen]
+    assert names and all(".language_model.layers." in n for n in names), names  # never the vision tower's experts
+    end_to_end(build, tmp_path)
+
+
+def end_to_end(build, tmp_path):
+    """profile -> select -> apply -> one AdamW step -> adapter round trip, checking each step's promise."""
+    model = build()
     ids, mask = batch()
     profile = profile_routing(model, [{"input_ids": ids, "attention_mask": mask}], progress=False)
     want = expected_token_scores(model, ids, mask)
@@ -118,7 +140,7 @@ def test_family_end_to_end(family, impl, tmp_path):
             assert torch.equal(trained[key], value), key
 
     save_adapter(model, tmp_path / "adapter")
-    fresh = build_tiny_model(family, experts_implementation=impl).eval()
+    fresh = build()
     load_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():
         want_logits = model(input_ids=ids, attention_mask=mask).logits
@@ -140,3 +162,9 @@ def test_docs_table_lists_what_the_code_supports():
     stale = "docs/families.md is stale: python -m esft_lightning.models --markdown > docs/families.md"
     assert sorted(f for f, s in rows.items() if s == "supported") == SUPPORTED, stale
     assert sorted(f for f, s in rows.items() if s == "refused") == REFUSED, stale
+
+
+def test_family_descriptions_discovered_or_refused_with_the_model_type():
+    assert get_family("gpt_oss").discovered and not get_family("deepseek_v3").discovered
+    with pytest.raises(UnsupportedModelError, match="'llama': not a causal-LM MoE family"):
+        get_family("llama")
