@@ -10,6 +10,7 @@ scatter-add back to tokens, one host sync per layer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -52,7 +53,7 @@ def grouped_mm_supported(
     ``F.grouped_mm`` (torch >= 2.10) and ``torch._grouped_mm`` (torch >= 2.9) need compute capability 8.0, older
     ``torch._grouped_mm`` Hopper (9.x); under ``torch.compile`` only bf16 is supported.
     """
-    version = Version(torch_version.split("+")[0])
+    version = _version(torch_version)
     if not (has_functional or has_private):
         return False
     if compiling and dtype != torch.bfloat16:
@@ -66,6 +67,11 @@ def grouped_mm_supported(
             return cuda_capability >= (8, 0)
         return cuda_capability[0] == 9
     return True
+
+
+@functools.lru_cache(maxsize=8)
+def _version(text: str) -> Version:
+    return Version(text.split("+")[0])
 
 
 def can_use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:

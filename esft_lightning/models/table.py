@@ -84,6 +84,10 @@ def families_markdown() -> str:
         "inferred while profiling as the function whose affinities, renormalised over a token's top-k, equal the "
         "router's own routing weights (softmax when nothing matches).",
         "",
+        "A family that is found but needs help (a tiny test config its defaults cannot make, a scoring function its "
+        "routing weights do not reveal) gets an entry in `esft_lightning/models/overrides.py` or a file of its own; "
+        "a refused family says why there.",
+        "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
         *("| " + " | ".join(r) + " |" for r in rows),
