@@ -94,18 +94,20 @@ def test_adamw_state_sized_to_selection_and_frozen_bits_unchanged(impl):
         assert torch.equal(layer.experts.gate_up_proj.detach(), original[key])
 
 
-def test_state_dict_round_trip_into_fresh_model():
-    trained = build_tiny_model("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_state_dict_round_trip_into_fresh_model(family):
+    trained = build_tiny_model(family)
     apply_expert_config(trained, selection(trained, picks=(2,)))
     with torch.no_grad():
-        for layer in find_moe_layers(trained):
-            layer.experts.esft_down_proj.add_(0.5)
-    fresh = build_tiny_model("qwen3_moe", seed=3)
+        for name, param in trained.named_parameters():
+            if "esft_" in name:
+                param.add_(0.5)
+    fresh = build_tiny_model(family, seed=3)
     fresh.load_state_dict(trained.state_dict())
     ids = batch()
     torch.testing.assert_close(fresh(ids).logits, trained(ids).logits, atol=1e-5, rtol=0)
     # and a split model accepts a full state dict: the trainable copies follow the fused rows
-    other = build_tiny_model("qwen3_moe", seed=5)
+    other = build_tiny_model(family, seed=5)
     apply_expert_config(other, selection(other, picks=(2,)))
     other.load_state_dict(trained.state_dict())
     torch.testing.assert_close(other(ids).logits, trained(ids).logits, atol=1e-5, rtol=0)
