@@ -63,6 +63,15 @@ def affinities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus", "probabilities")
 
 
+def picked_affinities(logits: torch.Tensor, index: torch.Tensor, scoring: str) -> torch.Tensor:
+    """``affinities(logits, scoring).gather(1, index)`` without materialising every expert's affinity."""
+    logits = logits.float()
+    picked = logits.gather(1, index)
+    if scoring == "softmax":
+        return (picked - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+    return affinities(picked, scoring)  # elementwise scorings commute with the gather
+
+
 def _fallback_scoring(logits: torch.Tensor) -> str:
     """Without matching weights: router outputs that are already distributions are probabilities, else softmax."""
     logits = logits.float()
@@ -128,7 +137,7 @@ class _LayerAccumulator:
         if logits is not None and logits.shape[0] == topk_idx.shape[0]:
             if self.scoring is None:
                 self.scoring = infer_scoring(logits, topk_idx, topk_weights, num_experts) or _fallback_scoring(logits)
-            affinity = affinities(logits, self.scoring).gather(1, safe_idx)
+            affinity = picked_affinities(logits, safe_idx, self.scoring)
         else:  # no router logits to observe: the experts' routing weights are the affinities
             self.scoring = "routing_weights"
             affinity = topk_weights.float()
