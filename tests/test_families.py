@@ -168,3 +168,18 @@ def test_family_descriptions_discovered_or_refused_with_the_model_type():
     assert get_family("gpt_oss").discovered and not get_family("deepseek_v3").discovered
     with pytest.raises(UnsupportedModelError, match="'llama': not a causal-LM MoE family"):
         get_family("llama")
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "nemotron_h", "qwen3_next"])
+def test_new_layouts_train_one_step_in_lightning(family, tmp_path):
+    from esft_lightning.callbacks import ExpertSelectionCallback
+
+    from esft_lightning import ESFTModule
+
+    from .test_cli import fit_one_step
+
+    module = ESFTModule(family=family, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    trainer = fit_one_step(module, ExpertSelectionCallback(max_tokens=256, save_adapter=False, plot=False), tmp_path)
+    trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trained and all(n.rpartition(".")[2].startswith("esft_") for n in trained)
+    assert trainer.global_step == 1
