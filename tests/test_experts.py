@@ -382,3 +382,21 @@ def test_fp32_trainables_of_a_bf16_biased_transposed_model(impl):
         != original["model.layers.0.mlp.experts.gate_up_proj_bias"]
     )
     assert moved.any(dim=1).nonzero().flatten().tolist() in ([2, 6], [2], [6])  # only selected biases can move
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # hub layout per expert (converted on save); fused
+def test_save_pretrained_with_a_selection_applied_reloads_with_stock_transformers(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model(family)
+    apply_expert_config(model, selection(model, picks=(1, 6)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "esft_" in name:
+                param.mul_(-3)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert reloaded.config._experts_implementation != "esft"
+    ids = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
