@@ -1,4 +1,4 @@
-"""Observe: hook every MoE router during no-grad forwards and compute ESFT-Gate / ESFT-Token scores."""
+"""Observe: hook every MoE layer (experts inputs, router logits) during no-grad forwards; ESFT-Gate / Token scores."""
 
 from __future__ import annotations
 
