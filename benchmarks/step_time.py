@@ -1,6 +1,8 @@
 """Training step time, trainable params, optimizer state and saved-for-backward bytes: ESFT vs baselines.
 
-Per model (DeepSeek-V3-style and Qwen3-MoE-style), one forward + backward + AdamW step (wd 0.1) of:
+Per model (DeepSeek-V3-style and Qwen3-MoE-style by default; also GPT-OSS-style, with biased, transposed,
+interleaved experts, and Qwen3-Next-style, a linear-attention hybrid), one forward + backward + AdamW step
+(wd 0.1) of:
 
   esft      ESFT-Token p=0.2 (profiled on a few random batches), applied with apply_expert_config
   fft       full fine-tuning (every parameter trainable)
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from common import (
     MODEL_CONFIGS,
-    build_model,
+    VOCAB_SIZE,
     human_bytes,
     interleaved_times,
     load_line,
@@ -38,9 +40,52 @@ from common import (
 from torch import nn
 
 from esft_lightning.experts import apply_expert_config
-from esft_lightning.models import find_moe_layers
+from esft_lightning.experts_forward import expert_param_names
+from esft_lightning.models import build_tiny_model, find_moe_layers
 from esft_lightning.routing import profile_routing
 from esft_lightning.selection import ExpertConfig, select_experts
+
+_SIZES = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
+STEP_MODELS: dict[str, tuple[str, dict]] = {
+    **MODEL_CONFIGS,
+    "gpt_oss": (
+        "gpt_oss",
+        dict(
+            **_SIZES,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            num_local_experts=32,
+            num_experts_per_tok=4,
+        ),
+    ),
+    "qwen3_next": (
+        "qwen3_next",
+        dict(
+            **_SIZES,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            shared_expert_intermediate_size=128,
+            num_hidden_layers=4,
+            layer_types=["linear_attention"] * 3 + ["full_attention"],
+            num_experts=32,
+            num_experts_per_tok=4,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=64,
+            linear_value_head_dim=64,
+        ),
+    ),
+}
+"""The benchmark models: common.py's, plus GPT-OSS and a hybrid (3 linear-attention layers : 1 attention)."""
+
+
+def build_model(name: str, seed: int = 0) -> nn.Module:
+    """A random MoE causal LM of the benchmark size (``name`` is a key of STEP_MODELS)."""
+    family, config = STEP_MODELS[name]
+    model = build_tiny_model(family, vocab_size=VOCAB_SIZE, seed=seed, **config)
+    model.train()
+    return model
 
 
 @dataclass
@@ -119,7 +164,7 @@ def frozen_expert_snapshot(model: nn.Module, selection: dict[int, list[int]]) ->
     snap = {}
     for layer in find_moe_layers(model):
         keep = [e for e in range(layer.num_experts) if e not in set(selection.get(layer.index, []))]
-        for name in ("gate_up_proj", "down_proj"):
+        for name in expert_param_names(layer.experts):
             snap[f"{layer.index}.{name}"] = getattr(layer.experts, name).detach()[keep].clone()
     return snap
 
@@ -137,10 +182,10 @@ def add_gradient_masks(model: nn.Module, selection: dict[int, list[int]]) -> lis
         ids = selection.get(layer.index, [])
         if not ids:
             continue
-        mask = torch.zeros(layer.num_experts, 1, 1)
-        mask[ids] = 1.0
-        for name in ("gate_up_proj", "down_proj"):
+        for name in expert_param_names(layer.experts):
             p = getattr(layer.experts, name)
+            mask = torch.zeros(layer.num_experts, *[1] * (p.dim() - 1))
+            mask[ids] = 1.0
             p.requires_grad_(True)
             handles.append(p.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
     return handles
@@ -149,17 +194,21 @@ def add_gradient_masks(model: nn.Module, selection: dict[int, list[int]]) -> lis
 def add_lora(model: nn.Module, rank: int) -> tuple[nn.Module, str]:
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules=[],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    experts = {id(layer.experts): layer.experts for layer in find_moe_layers(model)}
+    targets = sorted(
+        {
+            ".".join([*name.split(".")[-2:], p])
+            for name, module in model.named_modules()
+            if id(module) in experts
+            for p in expert_param_names(module)[:2]
+        }
     )
-    return get_peft_model(model, config), f"PEFT LoRA r={rank} on gate_up_proj/down_proj of every MoE layer"
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[], target_parameters=targets)
+    return get_peft_model(model, config), f"PEFT LoRA r={rank} on {', '.join(targets)} of every MoE layer"
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
-    print(f"\n## {name}: {MODEL_CONFIGS[name][1]}")
+    print(f"\n## {name}: {STEP_MODELS[name][1]}")
     print(
         f"batch {args.batch_size} x {args.seq_length} tokens, AdamW lr 1e-5 wd 0.1, "
         f"{args.repeats} interleaved repeats after {args.warmup} warm-up step(s)\n"
@@ -286,7 +335,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODEL_CONFIGS), choices=list(MODEL_CONFIGS))
+    parser.add_argument("--models", nargs="+", default=list(MODEL_CONFIGS), choices=list(STEP_MODELS))
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=12, help="timed steps per variant (interleaved)")

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .experts import PROJECTIONS, TRAINED_PREFIX, remove_expert_split, validate_expert_config
+from .experts import remove_expert_split, validate_expert_config
+from .experts_forward import TRAINED_PREFIX, expert_param_names
 from .files import atomic_write_dir
 from .models import find_moe_layers
 from .selection import ExpertConfig
@@ -43,7 +44,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         experts_names.add(name)
         ids = config.experts.get(layer_of[id(module)], [])
-        for proj in PROJECTIONS:
+        for proj in expert_param_names(module):
             trained = getattr(module, TRAINED_PREFIX + proj, None)
             fused = getattr(module, proj)
             if trained is not None:
@@ -142,7 +143,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> ExpertConfig
     writes: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
     for key, value in tensors.items():
         owner, _, proj = key.rpartition(".")
-        if owner in experts_names and proj in PROJECTIONS:
+        if owner in experts_names and proj in expert_param_names(experts_names[owner]):
             ids = config.experts.get(index_of[owner], [])
             target = getattr(experts_names[owner], proj)
             expected = (len(ids), *target.shape[1:])
@@ -159,7 +160,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> ExpertConfig
             raise ValueError(f"adapter tensor {key} matches no parameter of this {model_type} model")
     for name in experts_names:
         if config.experts.get(index_of[name]):
-            missing = [p for p in PROJECTIONS if f"{name}.{p}" not in tensors]
+            missing = [p for p in expert_param_names(experts_names[name]) if f"{name}.{p}" not in tensors]
             if missing:
                 raise ValueError(
                     f"adapter {path}: {CONFIG_FILE} selects experts in layer {index_of[name]}, "

@@ -1,28 +1,28 @@
 """Apply: train only the selected routed experts of fused [E, ...] expert tensors, for real.
 
-Each MoE layer with a selection keeps its fused ``gate_up_proj`` / ``down_proj`` as frozen parameters
-and gains two small trainable parameters, ``esft_gate_up_proj`` [k, 2I, H] and ``esft_down_proj``
-[k, H, I], holding the k selected experts. The experts forward routes token-expert pairs of frozen
-experts through the frozen tensors and pairs of selected experts through the small ones (one grouped
-matmul per group and projection), so gradients and optimizer state are sized to the selection, frozen
-experts get no weight-gradient work, and no per-step copy of the expert weights is made.
-``state_dict()`` still shows the model's own keys and shapes, with the trained rows in place.
+Each MoE layer with a selection keeps its fused per-expert tensors (``gate_up_proj`` or ``up_proj``,
+``down_proj``, and their biases where the layout has them) as frozen parameters and gains small trainable
+copies, ``esft_<name>`` [k, ...], holding the k selected experts. The model switches to the ``esft`` experts
+implementation (experts_forward.py), which routes token-expert pairs of frozen experts through the frozen
+tensors and pairs of selected experts through the small ones, so gradients and optimizer state are sized to the
+selection, frozen experts get no weight-gradient work, and no per-step copy of the expert weights is made.
+``state_dict()`` still shows the model's own keys and shapes, with the trained rows merged in (on CPU).
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .models import MoELayer, find_moe_layers
+from .experts_forward import ESFT_IMPLEMENTATION, TRAINED_PREFIX, expert_param_names, has_split
+from .models import MoELayer, UnsupportedModelError, find_moe_layers, is_experts_module
 from .selection import ExpertConfig
 
-TRAINED_PREFIX = "esft_"
 PROJECTIONS = ("gate_up_proj", "down_proj")
+"""The per-expert tensors of the common (gated, bias-free) layout; see ``expert_param_names`` for any layout."""
+__all__ = ["apply_expert_config", "remove_expert_split", "trainable_summary", "validate_expert_config", "has_split"]
 
 
 def validate_expert_config(layers: list[MoELayer], config: ExpertConfig) -> None:
@@ -64,17 +64,24 @@ def apply_expert_config(
                 f"non_expert_modules the model's own {sorted(map(str, model_dtypes))} weights would train: load the "
                 "model in that dtype instead"
             )
+    for layer in layers:
+        _check_layout(layer)
     remove_expert_split(model)
     model.requires_grad_(False)
+    split = False
     for layer in layers:
         ids = config.experts.get(layer.index, [])
-        fused_dtype = layer.experts.gate_up_proj.dtype
+        names = expert_param_names(layer.experts)
+        fused_dtype = getattr(layer.experts, names[0]).dtype
         every_expert = len(ids) == layer.num_experts and sorted(ids) == list(range(layer.num_experts))
         if every_expert and trainable_dtype in (None, fused_dtype):
-            for name in PROJECTIONS:  # every expert trains: the fused tensors themselves are the trainables
+            for name in names:  # every expert trains: the fused tensors themselves are the trainables
                 getattr(layer.experts, name).requires_grad_(True)
         elif ids:
             _install_split(layer.experts, ids, trainable_dtype)
+            split = True
+    if split:
+        _use_esft_implementation(model)
     if config.shared_experts:
         for layer in layers:
             for module in layer.shared:
@@ -106,15 +113,50 @@ def _is_trained_copy(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith(TRAINED_PREFIX)
 
 
-def has_split(experts: nn.Module) -> bool:
-    """Whether apply_expert_config installed frozen/trained split tensors on this experts module."""
-    return hasattr(experts, "esft_expert_ids")
+def _check_layout(layer: MoELayer) -> None:
+    """Refuse experts modules with per-expert tensors the esft implementation would not split."""
+    experts, names = layer.experts, expert_param_names(layer.experts)
+    missing = [n for n in names if not isinstance(getattr(experts, n, None), nn.Parameter)]
+    extra = [
+        n
+        for n, p in experts.named_parameters(recurse=False)
+        if n not in names and not n.startswith(TRAINED_PREFIX) and p.dim() > 0 and p.shape[0] == layer.num_experts
+    ]
+    if missing or extra or getattr(experts, "_is_expert_parallel", False):
+        what = f"missing {missing}" if missing else f"extra per-expert tensors {extra}" if extra else "expert parallel"
+        raise UnsupportedModelError(
+            f"{layer.family.model_type}: layer {layer.index} experts ({type(experts).__name__}) have a layout "
+            f"esft-lightning does not split ({what})"
+        )
+
+
+def _experts_configs(model: nn.Module) -> list[Any]:
+    configs: dict[int, Any] = {}
+    for module in model.modules():
+        if is_experts_module(module):
+            configs.setdefault(id(module.config), module.config)
+    return list(configs.values())
+
+
+def _use_esft_implementation(model: nn.Module) -> None:
+    """Dispatch every experts module of ``model`` to the ``esft`` implementation, remembering each one's own."""
+    for module in model.modules():
+        if is_experts_module(module) and module.config._experts_implementation != ESFT_IMPLEMENTATION:
+            module._esft_base_impl = module.config._experts_implementation
+    for config in _experts_configs(model):
+        config._experts_implementation = ESFT_IMPLEMENTATION
+
+
+def _restore_implementation(model: nn.Module) -> None:
+    for module in model.modules():
+        base = vars(module).pop("_esft_base_impl", None)
+        if base is not None and module.config._experts_implementation == ESFT_IMPLEMENTATION:
+            module.config._experts_implementation = base
 
 
 def _install_split(experts: nn.Module, ids: list[int], dtype: torch.dtype | None = None) -> None:
-    if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
-        raise ValueError(f"{type(experts).__name__}: experts with biases or without a gate are not supported")
-    device = experts.gate_up_proj.device
+    names = expert_param_names(experts)
+    device = getattr(experts, names[0]).device
     slots = [-1] * experts.num_experts
     for slot, expert in enumerate(ids):
         slots[expert] = slot
@@ -123,7 +165,12 @@ def _install_split(experts: nn.Module, ids: list[int], dtype: torch.dtype | None
     slot_of_expert = torch.tensor(slots, dtype=torch.long, device=device)
     experts.register_buffer("esft_expert_ids", index, persistent=False)
     experts.register_buffer("esft_slot_of_expert", slot_of_expert, persistent=False)
-    for name in PROJECTIONS:
+    # Group ids of the esft forward: frozen expert e -> e, selected expert -> E + slot, placeholder (E) -> E + k.
+    group_of_expert = torch.arange(experts.num_experts + 1, device=device)
+    group_of_expert[index] = experts.num_experts + torch.arange(len(ids), device=device)
+    group_of_expert[-1] = experts.num_experts + len(ids)
+    experts.register_buffer("esft_group_of_expert", group_of_expert, persistent=False)
+    for name in names:
         full = getattr(experts, name)
         trained = full.detach()[index].to(dtype or full.dtype, copy=True)
         experts.register_parameter(TRAINED_PREFIX + name, nn.Parameter(trained))
@@ -132,7 +179,6 @@ def _install_split(experts: nn.Module, ids: list[int], dtype: torch.dtype | None
         experts.register_state_dict_post_hook(_state_dict_with_trained_rows),
         experts.register_load_state_dict_pre_hook(_load_trained_rows),
     ]
-    experts.forward = types.MethodType(split_experts_forward, experts)
 
 
 def remove_expert_split(model: nn.Module) -> None:
@@ -141,23 +187,24 @@ def remove_expert_split(model: nn.Module) -> None:
         if not has_split(module):
             continue
         with torch.no_grad():
-            for name in PROJECTIONS:
+            for name in expert_param_names(module):
                 getattr(module, name)[module.esft_expert_ids] = getattr(module, TRAINED_PREFIX + name).to(
                     getattr(module, name).dtype
                 )
                 delattr(module, TRAINED_PREFIX + name)
         for handle in module._esft_hooks:
             handle.remove()
-        for attr in ("esft_expert_ids", "esft_slot_of_expert", "_esft_slots", "_esft_hooks", "forward"):
+        for attr in ("esft_expert_ids", "esft_slot_of_expert", "esft_group_of_expert", "_esft_slots", "_esft_hooks"):
             delattr(module, attr)
+    _restore_implementation(model)
     if hasattr(model, "esft_expert_config"):
         del model.esft_expert_config
 
 
 def _state_dict_with_trained_rows(module: nn.Module, state_dict: dict, prefix: str, _meta: Any) -> None:
-    # The merged copy is made in host memory: a GPU never holds a second copy of the experts. Sharded
-    # (FSDP2 DTensor) tensors are gathered first (every rank runs this hook, as the gather needs).
-    for name in PROJECTIONS:
+    # The merged copy is made in host memory: an accelerator never holds a second copy of the experts.
+    # Sharded (FSDP2 DTensor) tensors are gathered first (every rank runs this hook, as the gather needs).
+    for name in expert_param_names(module):
         trained = state_dict.pop(prefix + TRAINED_PREFIX + name, None)
         if trained is None or prefix + name not in state_dict:
             continue
@@ -175,77 +222,7 @@ def _on_host(t: torch.Tensor, copy: bool) -> torch.Tensor:
 
 def _load_trained_rows(module: nn.Module, state_dict: dict, prefix: str, *_args: Any) -> None:
     # A full state dict (the model's own keys) also fills the small trainable copies.
-    for name in PROJECTIONS:
+    for name in expert_param_names(module):
         full, trained = prefix + name, prefix + TRAINED_PREFIX + name
         if full in state_dict and trained not in state_dict:
             state_dict[trained] = state_dict[full][module.esft_expert_ids.to(state_dict[full].device)]
-
-
-def split_experts_forward(
-    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """Experts forward with frozen and trained experts in separate tensors (same math as the stock one)."""
-    if getattr(self.config, "_experts_implementation", None) == "eager" or not _grouped_mm_available(hidden_states):
-        return _split_eager(self, hidden_states, top_k_index, top_k_weights)
-    return _split_grouped(self, hidden_states, top_k_index, top_k_weights)
-
-
-def _grouped_mm_available(x: torch.Tensor) -> bool:
-    """torch has a grouped matmul kernel for this device (CPU from torch 2.9; CUDA from sm80)."""
-    if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
-        return False
-    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 0)
-
-
-def _split_grouped(
-    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    num_experts, num_slots = self.num_experts, self.esft_expert_ids.numel()
-    top_k = top_k_index.shape[-1]
-    expert_ids = top_k_index.reshape(-1)
-    slots = self.esft_slot_of_expert[expert_ids]
-    # One sort puts frozen pairs first (grouped by expert), then trained pairs (grouped by slot).
-    group = torch.where(slots >= 0, num_experts + slots, expert_ids)
-    group, order = torch.sort(group)
-    counts = torch.bincount(group, minlength=num_experts + num_slots)
-    num_frozen = int(counts[:num_experts].sum())  # one host sync per layer: grouped_mm needs the split point
-    token_of_pair = order // top_k
-    weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
-    out = torch.zeros_like(hidden_states)
-    parts = (
-        (slice(0, num_frozen), counts[:num_experts], self.gate_up_proj, self.down_proj),
-        (slice(num_frozen, None), counts[num_experts:], self.esft_gate_up_proj, self.esft_down_proj),
-    )
-    for rows, group_counts, gate_up, down in parts:
-        tokens = token_of_pair[rows]
-        if tokens.numel() == 0:
-            continue
-        offsets = torch.cumsum(group_counts, dim=0, dtype=torch.int32)
-        x = hidden_states[tokens].to(gate_up.dtype)
-        h = self._apply_gate(_grouped_mm(x, gate_up.transpose(-2, -1), offsets))
-        y = _grouped_mm(h, down.transpose(-2, -1), offsets) * weights[rows]
-        out.index_add_(0, tokens, y.to(out.dtype))
-    return out
-
-
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    if hasattr(F, "grouped_mm"):
-        return F.grouped_mm(x, w, offs=offsets)
-    return torch._grouped_mm(x, w, offs=offsets)
-
-
-def _split_eager(
-    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    out = torch.zeros_like(hidden_states)
-    for expert in torch.unique(top_k_index).tolist():
-        token_idx, k_pos = torch.where(top_k_index == expert)
-        slot = self._esft_slots[expert]
-        if slot >= 0:
-            gate_up, down = self.esft_gate_up_proj[slot], self.esft_down_proj[slot]
-        else:
-            gate_up, down = self.gate_up_proj[expert], self.down_proj[expert]
-        h = self._apply_gate(F.linear(hidden_states[token_idx].to(gate_up.dtype), gate_up))
-        y = F.linear(h, down) * top_k_weights[token_idx, k_pos, None]
-        out.index_add_(0, token_idx, y.to(out.dtype))
-    return out

@@ -1,9 +1,10 @@
-"""Observe: hook every MoE router during no-grad forwards and compute ESFT-Gate / ESFT-Token scores."""
+"""Observe: hook every MoE layer (experts inputs, router logits) during no-grad forwards; ESFT-Gate / Token scores."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,26 +48,101 @@ class RoutingProfile:
         }
 
 
+def affinities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Per-expert affinities s_{i,t} from router logits [N, E]: the paper's, before top-k renormalisation/scaling."""
+    logits = logits.float()
+    if scoring == "sigmoid":
+        return logits.sigmoid()
+    if scoring == "sqrtsoftplus":
+        return torch.nn.functional.softplus(logits).sqrt()
+    if scoring == "probabilities":  # the router already outputs probabilities
+        return logits
+    return logits.softmax(dim=-1)
+
+
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus", "probabilities")
+
+
+def picked_affinities(logits: torch.Tensor, index: torch.Tensor, scoring: str) -> torch.Tensor:
+    """``affinities(logits, scoring).gather(1, index)`` without materialising every expert's affinity."""
+    logits = logits.float()
+    picked = logits.gather(1, index)
+    if scoring == "softmax":
+        return (picked - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+    return affinities(picked, scoring)  # elementwise scorings commute with the gather
+
+
+def _fallback_scoring(logits: torch.Tensor) -> str:
+    """Without matching weights: router outputs that are already distributions are probabilities, else softmax."""
+    logits = logits.float()
+    is_distribution = bool((logits >= 0).all()) and bool(torch.allclose(logits.sum(-1), torch.ones(()), atol=1e-4))
+    return "probabilities" if is_distribution else "softmax"
+
+
+def infer_scoring(
+    logits: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int | None = None
+) -> str | None:
+    """The scoring function whose affinities, renormalised over each token's top-k, equal the router's own weights.
+
+    Routers weight a token's experts by their affinities, renormalised and/or scaled; the ratios between a token's
+    weights therefore identify the function. None when no candidate matches (or a token has a single expert).
+    """
+    valid = (top_k_index >= 0) & (top_k_index < (num_experts or logits.shape[-1])) & (top_k_weights != 0)
+    rows = valid.all(dim=-1) & (valid.shape[-1] > 1)
+    if not bool(rows.any()):
+        return None
+    index, weights = top_k_index[rows], top_k_weights[rows].float()
+    want = weights / weights.sum(dim=-1, keepdim=True)
+    best, best_error = None, 1e-3
+    for scoring in SCORINGS:
+        picked = affinities(logits[rows], scoring).gather(1, index)
+        got = picked / picked.sum(dim=-1, keepdim=True)
+        error = float((got - want).abs().max())
+        if error < best_error:
+            best, best_error = scoring, error
+    return best
+
+
 class _LayerAccumulator:
-    """Sums per-sequence-normalised statistics for one MoE layer from its router's outputs."""
+    """Sums per-sequence-normalised statistics for one MoE layer from its experts' own inputs."""
 
     def __init__(self, layer: MoELayer, device: torch.device) -> None:
         self.layer = layer
+        self.scoring = layer.family.scoring
         self.gate = torch.zeros(layer.num_experts, dtype=torch.float64, device=device)
         self.token = torch.zeros(layer.num_experts, dtype=torch.float64, device=device)
+        self.logits: torch.Tensor | None = None
 
-    def __call__(self, token_weight: torch.Tensor, logits: torch.Tensor, topk_idx: torch.Tensor) -> None:
+    def router_output(self, output: torch.Tensor | tuple) -> None:
+        logits = output[self.layer.router_output_index] if isinstance(output, (tuple, list)) else output
+        # Some routers score extra classes after the experts (e.g. a skip expert): affinities over all classes.
+        if isinstance(logits, torch.Tensor) and logits.dim() >= 2 and logits.shape[-1] >= self.layer.num_experts:
+            self.logits = logits.reshape(-1, logits.shape[-1])
+
+    def __call__(self, token_weight: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:
         # token_weight[t] = 1 / (non-padding tokens of t's sequence), 0 for padding: summing weighted
         # values over tokens gives the sum over sequences of per-sequence means.
-        logits = logits.float()
-        picked = logits.gather(1, topk_idx)
-        if self.layer.family.scoring == "sigmoid":
-            affinity = picked.sigmoid()
-        else:
-            affinity = (picked - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
-        k = topk_idx.shape[1]
-        w = token_weight.unsqueeze(1).expand_as(topk_idx)
-        flat_idx = topk_idx.reshape(-1)
+        k = topk_idx.shape[-1]
+        topk_idx, topk_weights = topk_idx.reshape(-1, k), topk_weights.reshape(-1, k)
+        if topk_idx.shape[0] != token_weight.shape[0]:
+            raise ValueError(
+                f"layer {self.layer.index}: the experts received {topk_idx.shape[0]} tokens, the batch has "
+                f"{token_weight.shape[0]}: cannot attribute routing to sequences"
+            )
+        num_experts = self.layer.num_experts
+        # Placeholder ids (>= num_experts) and zero-weight slots are not routings to an expert.
+        valid = (topk_idx >= 0) & (topk_idx < num_experts) & (topk_weights != 0)
+        safe_idx = topk_idx.clamp(0, num_experts - 1)
+        logits, self.logits = self.logits, None
+        if logits is not None and logits.shape[0] == topk_idx.shape[0]:
+            if self.scoring is None:
+                self.scoring = infer_scoring(logits, topk_idx, topk_weights, num_experts) or _fallback_scoring(logits)
+            affinity = picked_affinities(logits, safe_idx, self.scoring)
+        else:  # no router logits to observe: the experts' routing weights are the affinities
+            self.scoring = "routing_weights"
+            affinity = topk_weights.float()
+        w = token_weight.unsqueeze(1).expand_as(topk_idx) * valid
+        flat_idx = safe_idx.reshape(-1)
         self.gate.index_add_(0, flat_idx, (w * affinity).reshape(-1).double())
         self.token.index_add_(0, flat_idx, (w / k).reshape(-1).double())
 
@@ -106,14 +182,26 @@ def profile_routing(
     accumulators = {layer.index: _LayerAccumulator(layer, device) for layer in layers}
     current: dict[str, torch.Tensor] = {}
 
-    def make_hook(acc: _LayerAccumulator) -> Callable[[nn.Module, tuple, tuple], None]:
-        def hook(_module: nn.Module, _inputs: tuple, output: tuple) -> None:
-            logits, _weights, topk_idx = output[0], output[1], output[2]
-            acc(current["token_weight"], logits, topk_idx)
+    def router_hook(acc: _LayerAccumulator) -> Callable[[nn.Module, tuple, Any], None]:
+        return lambda _module, _inputs, output: acc.router_output(output)
+
+    def experts_hook(acc: _LayerAccumulator) -> Callable[[nn.Module, tuple, dict], None]:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            # experts(hidden_states, top_k_index, top_k_weights), positionally or by any keyword names
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            routing = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t is not hidden]
+            index = next(t for t in routing if not t.is_floating_point())
+            weights = next(t for t in routing if t.is_floating_point())
+            acc(current["token_weight"], index, weights)
 
         return hook
 
-    handles = [layer.router.register_forward_hook(make_hook(accumulators[layer.index])) for layer in layers]
+    handles = []
+    for layer in layers:
+        acc = accumulators[layer.index]
+        handles.append(layer.experts.register_forward_pre_hook(experts_hook(acc), with_kwargs=True))
+        if layer.router is not None:
+            handles.append(layer.router.register_forward_hook(router_hook(acc)))
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     was_training = model.training
     model.eval()
@@ -155,4 +243,5 @@ def profile_routing(
         raise ValueError("profile_routing got no non-padding tokens: the profiling data is empty")
     gate = {i: (a.gate / num_sequences).float().cpu() for i, a in accumulators.items()}
     token = {i: (a.token / num_sequences).float().cpu() for i, a in accumulators.items()}
-    return RoutingProfile(gate, token, num_tokens, num_sequences)
+    scoring = {i: a.scoring for i, a in accumulators.items()}
+    return RoutingProfile(gate, token, num_tokens, num_sequences, meta={"scoring": scoring})

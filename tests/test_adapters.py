@@ -84,18 +84,22 @@ def test_released_esft_layout_loads_into_fused_model(tmp_path):
     torch.testing.assert_close(base(IDS).logits, reference(IDS).logits, atol=1e-6, rtol=0)
 
 
-def test_merge_gives_standard_checkpoint(tmp_path):
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "nemotron_h"])  # plain, biased+transposed, gate-less
+def test_merge_gives_standard_checkpoint(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
     from esft_lightning.tokenizer import byte_tokenizer
 
-    base = build_tiny_model("olmoe")
+    base = build_tiny_model(family)
     base.save_pretrained(tmp_path / "base")
     byte_tokenizer().save_pretrained(tmp_path / "base")
-    trained = build_tiny_model("olmoe")
-    apply_expert_config(trained, ExpertConfig({0: [3]}))
+    trained = build_tiny_model(family)
+    layer = find_moe_layers(trained)[0]
+    apply_expert_config(trained, ExpertConfig({layer.index: [3]}))
     with torch.no_grad():
-        trained.model.layers[0].mlp.experts.esft_down_proj.mul_(-2)
+        for name, param in layer.experts.named_parameters():
+            if name.startswith("esft_"):
+                param.mul_(-2)
     save_adapter(trained, tmp_path / "adapter")
     from esft_lightning.cli import main
 

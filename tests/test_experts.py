@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from esft_lightning.experts import apply_expert_config, remove_expert_split
+from esft_lightning.experts_forward import expert_param_names, grouped_mm_supported
 from esft_lightning.models import build_tiny_model, enable_activation_checkpointing, find_moe_layers
 from esft_lightning.selection import ExpertConfig
 
@@ -93,18 +94,20 @@ def test_adamw_state_sized_to_selection_and_frozen_bits_unchanged(impl):
         assert torch.equal(layer.experts.gate_up_proj.detach(), original[key])
 
 
-def test_state_dict_round_trip_into_fresh_model():
-    trained = build_tiny_model("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_state_dict_round_trip_into_fresh_model(family):
+    trained = build_tiny_model(family)
     apply_expert_config(trained, selection(trained, picks=(2,)))
     with torch.no_grad():
-        for layer in find_moe_layers(trained):
-            layer.experts.esft_down_proj.add_(0.5)
-    fresh = build_tiny_model("qwen3_moe", seed=3)
+        for name, param in trained.named_parameters():
+            if "esft_" in name:
+                param.add_(0.5)
+    fresh = build_tiny_model(family, seed=3)
     fresh.load_state_dict(trained.state_dict())
     ids = batch()
     torch.testing.assert_close(fresh(ids).logits, trained(ids).logits, atol=1e-5, rtol=0)
     # and a split model accepts a full state dict: the trainable copies follow the fused rows
-    other = build_tiny_model("qwen3_moe", seed=5)
+    other = build_tiny_model(family, seed=5)
     apply_expert_config(other, selection(other, picks=(2,)))
     other.load_state_dict(trained.state_dict())
     torch.testing.assert_close(other(ids).logits, trained(ids).logits, atol=1e-5, rtol=0)
@@ -230,3 +233,170 @@ def test_trainable_dtype_with_whole_layers_and_with_shared_experts():
     with pytest.raises(ValueError, match="applies to routed experts only"):
         apply_expert_config(model, ExpertConfig({0: [1]}, shared_experts=True), trainable_dtype=torch.float32)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable)  # left as it was
+
+
+LAYOUTS = ["gpt_oss", "nemotron_h", "aria_text"]  # biased + transposed + interleaved, gate-less, transposed
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", LAYOUTS)
+def test_every_layout_gradients_equal_full_finetuning_rows(family, impl):
+    full = build_tiny_model(family, experts_implementation=impl)
+    esft = build_tiny_model(family, experts_implementation=impl)
+    ids = batch(1)
+    full(ids, labels=ids).loss.backward()
+    picks = [5, 1]
+    apply_expert_config(esft, ExpertConfig({layer.index: picks for layer in find_moe_layers(esft)}))
+    assert esft.config._experts_implementation == "esft"
+    esft(ids, labels=ids).loss.backward()
+    for a, b in zip(find_moe_layers(full), find_moe_layers(esft)):
+        for name in expert_param_names(a.experts):
+            want = getattr(a.experts, name).grad[picks]
+            torch.testing.assert_close(getattr(b.experts, "esft_" + name).grad, want, atol=1e-6, rtol=1e-4)
+            assert getattr(b.experts, name).grad is None
+    remove_expert_split(esft)
+    assert esft.config._experts_implementation == impl  # the model's own implementation is back
+
+
+def test_state_dict_merges_trained_rows_on_cpu_into_a_copy():
+    model = build_tiny_model("gpt_oss")
+    apply_expert_config(model, ExpertConfig({0: [3, 6]}))
+    experts = find_moe_layers(model)[0].experts
+    with torch.no_grad():
+        for name in expert_param_names(experts):
+            getattr(experts, "esft_" + name).add_(1.0)
+    state = model.state_dict()
+    for name in expert_param_names(experts):
+        merged = state[f"model.layers.0.mlp.experts.{name}"]
+        fused, trained = getattr(experts, name), getattr(experts, "esft_" + name)
+        assert merged.device.type == "cpu"
+        assert merged.untyped_storage().data_ptr() != fused.untyped_storage().data_ptr()  # the parameter untouched
+        assert torch.equal(merged[[3, 6]], trained.detach()) and not torch.equal(fused[[3, 6]], trained.detach())
+        keep = [e for e in range(experts.num_experts) if e not in (3, 6)]
+        assert torch.equal(merged[keep], fused.detach()[keep])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_state_dict_of_a_cuda_model_merges_on_cpu_without_a_second_device_copy():
+    model = build_tiny_model("qwen3_moe", hidden_size=256, moe_intermediate_size=256).cuda()
+    apply_expert_config(model, selection(model, picks=(2, 9)))
+    fused_bytes = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if n.endswith("experts.gate_up_proj")
+    )
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    state = model.state_dict()
+    assert torch.cuda.max_memory_allocated() - start < fused_bytes / 4
+    trained = model.model.layers[0].mlp.experts.esft_gate_up_proj.detach().cpu()
+    merged = state["model.layers.0.mlp.experts.gate_up_proj"]
+    assert merged.device.type == "cpu" and torch.equal(merged[[2, 9]], trained)
+
+
+@pytest.mark.parametrize(
+    "facts, usable",
+    [
+        (dict(device_type="cpu", torch_version="2.13.0+cpu"), True),
+        (dict(device_type="cpu", torch_version="2.8.0"), False),  # no CPU kernel before 2.9
+        (dict(device_type="cpu", torch_version="2.10.0", aligned=False), False),  # <= 2.10 needs 16-byte alignment
+        (dict(device_type="cpu", torch_version="2.11.0", aligned=False), True),
+        (dict(device_type="cuda", torch_version="2.10.0", cuda_capability=(8, 0)), True),  # A100
+        (dict(device_type="cuda", torch_version="2.10.0", cuda_capability=(7, 5)), False),  # T4
+        (dict(device_type="cuda", torch_version="2.8.0", cuda_capability=(8, 0), has_functional=False), False),
+        (dict(device_type="cuda", torch_version="2.8.0", cuda_capability=(9, 0), has_functional=False), True),
+        (dict(device_type="cuda", torch_version="2.9.0", cuda_capability=(8, 6), has_functional=False), True),
+        (dict(device_type="cpu", torch_version="2.13.0", has_functional=False, has_private=False), False),
+        (dict(device_type="cpu", torch_version="2.13.0", compiling=True), False),  # compiled: bf16 only
+        (dict(device_type="cpu", torch_version="2.13.0", compiling=True, dtype=torch.bfloat16), True),
+    ],
+)
+def test_grouped_mm_decision_mirrors_transformers(facts, usable):
+    assert grouped_mm_supported(**facts) is usable
+
+
+@pytest.mark.parametrize("patch", ["old_torch", "old_gpu"])
+def test_split_falls_back_to_the_loop_where_grouped_mm_cannot_run(patch, monkeypatch):
+    import esft_lightning.experts_forward as experts_forward
+
+    model = build_tiny_model("gpt_oss")
+    ids = batch()
+    with torch.no_grad():
+        want = model(ids).logits
+    apply_expert_config(model, selection(model, picks=(1, 4)))
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("grouped_mm used where it cannot run")
+
+    monkeypatch.setattr(experts_forward, "_split_grouped", refuse)
+    if patch == "old_torch":
+        monkeypatch.setattr(torch, "__version__", "2.8.0")
+    else:  # what an sm75 GPU reports, checked on CPU tensors posing as CUDA ones
+        real = experts_forward.grouped_mm_supported
+        monkeypatch.setattr(
+            experts_forward,
+            "grouped_mm_supported",
+            lambda device_type, *a, **k: (
+                real("cuda", "2.10.0", (7, 5)) if device_type == "cpu" else real(device_type, *a, **k)
+            ),
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_placeholder_expert_ids_contribute_nothing(impl):
+    model = build_tiny_model("qwen3_moe", experts_implementation=impl)
+    layer = find_moe_layers(model)[0]
+    apply_expert_config(model, ExpertConfig({layer.index: [2, 7]}))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=g)
+    index = torch.randint(0, layer.num_experts, (6, 4), generator=g)
+    index[:, 0] = torch.tensor([2, 7, 2, 0, 7, 1])  # selected experts are routed to
+    index[0, 1], index[3, 2] = layer.num_experts, layer.num_experts + 5  # expert-parallel style placeholders
+    weights = torch.rand(6, 4, generator=g)
+    placeholder = index >= layer.num_experts
+    with torch.no_grad():
+        got = layer.experts(x, index, weights)
+        want = layer.experts(x, index.masked_fill(placeholder, 0), weights.masked_fill(placeholder, 0.0))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp32_trainables_of_a_bf16_biased_transposed_model(impl):
+    model = build_tiny_model("gpt_oss", experts_implementation=impl).to(torch.bfloat16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_expert_config(model, selection(model, picks=(2, 6)), trainable_dtype=torch.float32)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 4 * len(find_moe_layers(model))  # gate_up, down and both biases per layer
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    ids = batch()
+    model(ids, labels=ids).loss.backward()
+    torch.optim.AdamW(trainable.values(), lr=1e-5, weight_decay=0.1).step()
+    state = model.state_dict()
+    assert all(state[k].dtype == torch.bfloat16 and state[k].shape == v.shape for k, v in original.items())
+    moved = (
+        state["model.layers.0.mlp.experts.gate_up_proj_bias"]
+        != original["model.layers.0.mlp.experts.gate_up_proj_bias"]
+    )
+    assert moved.any(dim=1).nonzero().flatten().tolist() in ([2, 6], [2], [6])  # only selected biases can move
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # hub layout per expert (converted on save); fused
+def test_save_pretrained_with_a_selection_applied_reloads_with_stock_transformers(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model(family)
+    apply_expert_config(model, selection(model, picks=(1, 6)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "esft_" in name:
+                param.mul_(-3)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert reloaded.config._experts_implementation != "esft"
+    ids = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)

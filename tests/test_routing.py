@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from esft_lightning.models import build_tiny_model, find_moe_layers
-from esft_lightning.routing import profile_routing
+from esft_lightning.routing import affinities, infer_scoring, profile_routing
 
 from .conftest import FAMILIES
 
@@ -90,3 +90,56 @@ def test_max_tokens_stops_early_and_model_left_as_found():
     assert profile.num_tokens == 40 and len(seen) == 2
     assert model.training
     assert all(not layer.router._forward_hooks for layer in find_moe_layers(model))
+
+
+AFFINITY = {  # what each router's source computes before top-k (read from transformers' modeling files)
+    "gpt_oss": lambda logits: logits.softmax(-1),  # softmax over the top-k logits == renormalised full softmax
+    "glm4_moe": lambda logits: logits.sigmoid(),  # bias-corrected selection, sigmoid affinities
+    "deepseek_v4": lambda logits: torch.nn.functional.softplus(logits).sqrt(),  # scoring_func in the config
+    "zaya": lambda logits: logits.softmax(-1),  # softmax over the experts and one skip class
+    "gemma4_text": lambda probs: probs,  # the router returns probabilities
+}
+
+
+@pytest.mark.parametrize("family", sorted(AFFINITY))
+def test_gate_scores_of_discovered_families_follow_their_routers(family):
+    model = build_tiny_model(family).eval()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    layers = find_moe_layers(model)
+    logits, routing = {}, {}
+    hooks = []
+    for layer in layers:
+        hooks.append(layer.router.register_forward_hook(lambda m, i, o, k=layer.index: logits.__setitem__(k, o[0])))
+        hooks.append(
+            layer.experts.register_forward_pre_hook(lambda m, a, k=layer.index: routing.__setitem__(k, a[1:3]))
+        )
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    profile = profile_routing(model, [{"input_ids": ids, "attention_mask": mask}], progress=False)
+    for layer in layers:
+        affinity = AFFINITY[family](logits[layer.index].double().reshape(ids.numel(), -1))
+        index, weights = (t.reshape(ids.numel(), -1) for t in routing[layer.index])
+        want = torch.zeros(layer.num_experts, dtype=torch.float64)
+        for b in range(ids.shape[0]):
+            length = int(mask[b].sum())
+            for t in range(length):
+                row = b * ids.shape[1] + t
+                for e, w in zip(index[row].tolist(), weights[row].tolist()):
+                    if e < layer.num_experts and w != 0:
+                        want[e] += affinity[row, e] / length / ids.shape[0]
+        torch.testing.assert_close(profile.gate_scores[layer.index].double(), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid", "sqrtsoftplus"])
+@pytest.mark.parametrize("renormalise", [True, False])
+def test_scoring_inferred_from_the_routers_own_weights(scoring, renormalise):
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    affinity = affinities(logits, scoring)
+    weights, index = affinity.topk(3, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True) if renormalise else 2.5 * weights  # norm_topk / scaling
+    assert infer_scoring(logits, index, weights) == scoring
+    assert infer_scoring(logits, index, torch.rand(64, 3)) is None  # weights unrelated to the logits

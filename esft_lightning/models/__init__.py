@@ -1,82 +1,158 @@
-"""Registry of supported MoE families: find a model's MoE layers and build tiny random models."""
+"""MoE families: find any transformers MoE model's layers by structure, describe families, build tiny models."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
-from .base import MoEFamily, MoELayer
+from .base import MoEFamily, MoELayer, UnsupportedModelError
+from .discovery import LAYOUT_FLAGS, decoder_layers, discover_moe_layers, is_experts_module
+from .overrides import REFUSED, TINY_FIXES
+from .tiny import shrink_config_dict
 
 FAMILIES: dict[str, MoEFamily] = {
-    m.FAMILY.model_type: m.FAMILY for m in (deepseek_v3, deepseek_v2, qwen3_moe, qwen2_moe, mixtral, olmoe)
+    f.model_type: f
+    for f in (
+        *(m.FAMILY for m in (deepseek_v3, deepseek_v2, qwen3_moe, qwen2_moe, mixtral, olmoe)),
+        *TINY_FIXES,
+        *REFUSED,
+    )
 }
+"""Families with something that cannot be discovered (scoring, shared experts, tiny config) or that are refused."""
 
 __all__ = [
     "FAMILIES",
+    "LAYOUT_FLAGS",
     "MoEFamily",
     "MoELayer",
-    "get_family",
-    "find_moe_layers",
+    "UnsupportedModelError",
     "build_tiny_model",
+    "causal_lm_moe_families",
+    "decoder_layers",
     "enable_activation_checkpointing",
+    "find_moe_layers",
+    "get_family",
+    "is_experts_module",
+    "tiny_config",
 ]
 
 
-def get_family(model_or_type: nn.Module | str) -> MoEFamily:
-    """The family description of a model (or a ``model_type``); a clear error for unsupported ones."""
+@functools.cache
+def causal_lm_moe_families() -> tuple[str, ...]:
+    """Model types of the installed transformers whose causal LM is an MoE (routers recorded as ``router_logits``
+    or experts decorated with ``use_experts_implementation``)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found = []
+    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        try:
+            cls = getattr(transformers, class_name)
+            source = inspect.getsource(sys.modules[cls.__module__])
+        except (AttributeError, ImportError, OSError, TypeError):
+            continue  # a model class this installation cannot import (missing optional dependency)
+        recorded = "router_logits" in (getattr(cls, "_can_record_outputs", None) or {})
+        if recorded or "@use_experts_implementation" in source or model_type in FAMILIES:
+            found.append(model_type)
+    return tuple(sorted(found))
+
+
+def _model_type(model_or_type: nn.Module | str) -> str:
     if isinstance(model_or_type, str):
-        model_type = model_or_type
-    else:
-        config = getattr(model_or_type, "config", None)
-        model_type = getattr(config, "model_type", None) or type(model_or_type).__name__
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"Unsupported MoE architecture {model_type!r}. Supported model types: {', '.join(sorted(FAMILIES))}."
+        return model_or_type
+    config = getattr(model_or_type, "config", None)
+    return getattr(config, "model_type", None) or type(model_or_type).__name__
+
+
+def _infer_scoring(config: Any) -> str | None:
+    """The router's scoring function when the config names it (``scoring_func``), else None (inferred later)."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, "scoring_func", None) if cfg is not None else None
+        if isinstance(value, str) and value in ("softmax", "sigmoid", "sqrtsoftplus"):
+            return value
+    return None
+
+
+def get_family(model_or_type: nn.Module | str) -> MoEFamily:
+    """The family description of a model (or a ``model_type``); a clear error for unsupported ones.
+
+    Families without a file in ``models/`` get a generic description (``discovered=True``): their MoE layers are
+    found by structure, their router's scoring function from the config or from the router's own outputs.
+    """
+    model_type = _model_type(model_or_type)
+    family = FAMILIES.get(model_type)
+    if family is not None and family.unsupported:
+        raise UnsupportedModelError(
+            f"{model_type}: esft-lightning cannot train this family's experts: {family.unsupported}"
         )
-    return FAMILIES[model_type]
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no decoder `layers` ModuleList: not a supported causal LM")
-    return layers
+    if isinstance(model_or_type, str):
+        if family is None and model_type not in causal_lm_moe_families():
+            raise UnsupportedModelError(
+                f"Unsupported MoE architecture {model_type!r}: not a causal-LM MoE family of the installed "
+                "transformers (supported: MoE families with fused experts modules, e.g. deepseek_v3, mixtral, "
+                "qwen3_moe, gpt_oss: see docs/families.md)"
+            )
+        return family or MoEFamily(model_type, discovered=True)
+    if family is None:
+        if not any(is_experts_module(m) for m in model_or_type.modules()):
+            if model_type in causal_lm_moe_families():
+                discover_moe_layers(model_or_type, MoEFamily(model_type))  # raises the specific reason
+            raise UnsupportedModelError(
+                f"Unsupported MoE architecture {model_type!r}: it has no transformers fused experts module "
+                "(`use_experts_implementation`), so no routed experts esft-lightning can find (supported families, "
+                "e.g. deepseek_v3, mixtral, qwen3_moe: see docs/families.md)"
+            )
+        family = MoEFamily(model_type, scoring=_infer_scoring(model_or_type.config), discovered=True)
+    return family
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every decoder layer whose MLP is an MoE block, with the model's own layer numbering."""
-    family = get_family(model)
-    found = []
-    for index, layer in enumerate(_decoder_layers(model)):
-        block = getattr(layer, "mlp", None)
-        if block is None or not hasattr(block, family.experts_attr) or not hasattr(block, family.router_attr):
-            continue
-        experts = getattr(block, family.experts_attr)
-        if not hasattr(experts, "gate_up_proj") or getattr(experts, "is_transposed", False):
-            raise ValueError(
-                f"layer {index}: routed experts of {family.model_type} are not fused [E, 2I, H] tensors; "
-                "this transformers version stores them in a layout esft-lightning does not support"
-            )
-        shared = [getattr(block, a) for a in family.shared_expert_attrs if getattr(block, a, None) is not None]
-        found.append(MoELayer(index, block, getattr(block, family.router_attr), experts, shared, family))
-    if not found:
-        raise ValueError(f"{type(model).__name__} ({family.model_type}) has no MoE layers")
-    return found
+    return discover_moe_layers(model, get_family(model))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tiny_config(family: str, vocab_size: int = 320, **overrides: Any) -> Any:
+    """The config of a tiny random ``family`` model: the family's own config class, sizes shrunk generically."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    description = FAMILIES.get(family) or MoEFamily(family)
+    special = {"pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}  # the byte tokenizer's ids
+    if description.tiny_config_is_complete:
+        kwargs = {**description.tiny_config, "vocab_size": vocab_size, **special, **overrides}
+        return AutoConfig.for_model(family, **kwargs)
+    config_class = CONFIG_MAPPING[family]
+    values = shrink_config_dict(config_class().to_dict())
+    for key in ("model_type", "transformers_version", "architectures", "_name_or_path"):
+        values.pop(key, None)
+    tokens = {"vocab_size": vocab_size, **special}
+    for key, value in values.items():  # sub-configs of vision-language models share the tokenizer
+        if isinstance(value, dict) and "vocab_size" in value:
+            values[key] = {**value, **tokens}
+    values = _merge(_merge(values, description.tiny_config), {**tokens, **overrides})
+    return config_class(**values)
 
 
 def build_tiny_model(
     family: str, vocab_size: int = 320, seed: int = 0, experts_implementation: str | None = None, **overrides: Any
 ) -> nn.Module:
     """A small randomly initialised causal LM of ``family`` (tests, quickstart, benchmarks)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    special = {"pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}  # the byte tokenizer's ids
-    kwargs = {**get_family(family).tiny_config, "vocab_size": vocab_size, **special, **overrides}
-    config = AutoConfig.for_model(family, **kwargs)
+    config = tiny_config(family, vocab_size=vocab_size, **overrides)
     torch.manual_seed(seed)
     extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
     return AutoModelForCausalLM.from_config(config, **extra)

@@ -1,4 +1,4 @@
-"""What every MoE family description holds, and how a model's MoE layers are found from it."""
+"""What a family description holds (only what cannot be discovered) and one resolved MoE layer."""
 
 from __future__ import annotations
 
@@ -7,23 +7,33 @@ from typing import Any, Literal
 
 from torch import nn
 
+Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus", "probabilities"]
+
+
+class UnsupportedModelError(ValueError):
+    """A model whose MoE layers esft-lightning cannot train; the message names the model type and why."""
+
 
 @dataclass(frozen=True)
 class MoEFamily:
-    """Where one Hugging Face MoE family keeps its router, routed experts and shared experts."""
+    """What esft-lightning must be told about one Hugging Face MoE family (the rest is discovered)."""
 
     model_type: str
     """`config.model_type` of the family, e.g. ``deepseek_v3``."""
-    scoring: Literal["softmax", "sigmoid"]
-    """How the router turns logits into affinities s_{i,t} (before top-k renormalisation or scaling)."""
-    router_attr: str = "gate"
-    """Attribute of the MoE block holding the router, which returns (logits, topk_weights, topk_indices)."""
-    experts_attr: str = "experts"
-    """Attribute of the MoE block holding the fused routed experts (gate_up_proj [E,2I,H], down_proj [E,H,I])."""
-    shared_expert_attrs: tuple[str, ...] = ()
-    """Attributes of the MoE block holding shared experts (and their gates), if any."""
+    scoring: Scoring | None = None
+    """How router logits become affinities s_{i,t} (before top-k renormalisation or scaling); ``None``: from the
+    config's ``scoring_func`` if it has one, else inferred from the router's own top-k weights while profiling."""
+    shared_expert_attrs: tuple[str, ...] | None = None
+    """Attributes of the MoE block holding shared experts (and their gates); ``None``: every child of the block
+    whose name contains ``shared``."""
     tiny_config: dict[str, Any] = field(default_factory=dict)
-    """Config kwargs of a tiny random model of this family, for tests and the quickstart."""
+    """Config kwargs of a tiny random model, applied over the generically shrunk defaults (nested for sub-configs)."""
+    tiny_config_is_complete: bool = False
+    """``tiny_config`` alone (over the config class defaults) makes the tiny model: no generic shrinking."""
+    unsupported: str | None = None
+    """Why this family's experts cannot be trained, if they cannot."""
+    discovered: bool = False
+    """True for a description made up from the model alone (no family file)."""
 
 
 @dataclass
@@ -32,10 +42,12 @@ class MoELayer:
 
     index: int
     block: nn.Module
-    router: nn.Module
+    router: nn.Module | None
     experts: nn.Module
     shared: list[nn.Module]
     family: MoEFamily
+    router_output_index: int = 0
+    """Which output of ``router`` holds the router logits (transformers' ``OutputRecorder`` index)."""
 
     @property
     def num_experts(self) -> int:
@@ -43,4 +55,10 @@ class MoELayer:
 
     @property
     def top_k(self) -> int:
-        return int(self.router.top_k)
+        for owner in (self.router, self.block):
+            for attr in ("top_k", "num_experts_per_tok"):
+                value = getattr(owner, attr, None)
+                if isinstance(value, int):
+                    return value
+        config = self.experts.config
+        return int(getattr(config, "num_experts_per_tok", None) or config.moe_topk)

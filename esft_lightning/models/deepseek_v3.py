@@ -3,6 +3,7 @@
 from .base import MoEFamily
 
 FAMILY = MoEFamily(
+    tiny_config_is_complete=True,
     model_type="deepseek_v3",
     scoring="sigmoid",
     shared_expert_attrs=("shared_experts",),

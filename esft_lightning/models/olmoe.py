@@ -3,6 +3,8 @@
 from .base import MoEFamily
 
 FAMILY = MoEFamily(
+    tiny_config_is_complete=True,
+    shared_expert_attrs=(),
     model_type="olmoe",
     scoring="softmax",
     tiny_config=dict(

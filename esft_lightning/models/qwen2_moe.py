@@ -3,6 +3,7 @@
 from .base import MoEFamily
 
 FAMILY = MoEFamily(
+    tiny_config_is_complete=True,
     model_type="qwen2_moe",
     scoring="softmax",
     shared_expert_attrs=("shared_expert", "shared_expert_gate"),

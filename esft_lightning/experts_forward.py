@@ -1,0 +1,196 @@
+"""The ``esft`` experts implementation: frozen and selected experts in separate tensors, in every fused layout.
+
+Registered in transformers' ``ExpertsInterface``; ``apply_expert_config`` switches a model to it. It honours the
+layout flags transformers' own ``grouped_mm`` honours (``has_gate``, ``has_bias``, ``is_transposed``,
+``has_post_expert_norm``) and always calls the module's own ``_apply_gate`` / ``act_fn`` (clamped SwiGLU, interleaved
+gate/up, GELU, ...). Token-expert pairs of frozen experts go through the frozen fused tensors and pairs of selected
+experts through the small trainable ``esft_*`` tensors: one grouped matmul per group and projection, one weighted
+scatter-add back to tokens, one host sync per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from packaging.version import Version
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+ESFT_IMPLEMENTATION = "esft"
+TRAINED_PREFIX = "esft_"
+
+
+def expert_param_names(experts: nn.Module) -> tuple[str, ...]:
+    """Names of an experts module's per-expert tensors (experts on dim 0), from its layout flags."""
+    up = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
+    names = (up, "down_proj")
+    if getattr(experts, "has_bias", False):
+        names += (f"{up}_bias", "down_proj_bias")
+    return names
+
+
+def has_split(experts: nn.Module) -> bool:
+    """Whether apply_expert_config installed frozen/trained split tensors on this experts module."""
+    return hasattr(experts, "esft_expert_ids")
+
+
+def grouped_mm_supported(
+    device_type: str,
+    torch_version: str,
+    cuda_capability: tuple[int, int] | None = None,
+    aligned: bool = True,
+    has_functional: bool = True,
+    has_private: bool = True,
+    compiling: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> bool:
+    """Whether torch's grouped matmul runs here: the rules transformers applies before its own ``grouped_mm``.
+
+    CPU kernels exist from torch 2.9 and need 16-byte aligned inputs up to torch 2.10; on CUDA,
+    ``F.grouped_mm`` (torch >= 2.10) and ``torch._grouped_mm`` (torch >= 2.9) need compute capability 8.0, older
+    ``torch._grouped_mm`` Hopper (9.x); under ``torch.compile`` only bf16 is supported.
+    """
+    version = _version(torch_version)
+    if not (has_functional or has_private):
+        return False
+    if compiling and dtype != torch.bfloat16:
+        return False
+    if device_type == "cpu":
+        return version >= Version("2.9") and (aligned or version > Version("2.10"))
+    if device_type == "cuda":
+        if cuda_capability is None:
+            return False
+        if has_functional or version >= Version("2.9"):
+            return cuda_capability >= (8, 0)
+        return cuda_capability[0] == 9
+    return True
+
+
+@functools.lru_cache(maxsize=8)
+def _version(text: str) -> Version:
+    return Version(text.split("+")[0])
+
+
+def can_use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """``grouped_mm_supported`` for these tensors on this machine."""
+    capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
+    compiling = torch.compiler.is_compiling()
+    return grouped_mm_supported(
+        x.device.type,
+        str(torch.__version__),
+        capability,
+        aligned=all(t.data_ptr() % 16 == 0 for t in weights),  # inputs are gathered copies, so aligned
+        has_functional=hasattr(F, "grouped_mm"),
+        has_private=hasattr(torch, "_grouped_mm"),
+        compiling=compiling,
+        dtype=weights[0].dtype if weights else x.dtype,
+    )
+
+
+def base_forward(experts: nn.Module) -> Callable:
+    """The experts forward the model used before the split (``grouped_mm``, ``eager``, ...)."""
+    implementation = getattr(experts, "_esft_base_impl", None) or "grouped_mm"
+    if implementation in ("eager", ESFT_IMPLEMENTATION) or implementation not in ALL_EXPERTS_FUNCTIONS:
+        return type(experts).forward.__wrapped__  # the class's own (eager) forward, under the dispatch wrapper
+    return ALL_EXPERTS_FUNCTIONS[implementation]
+
+
+def esft_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Experts forward with frozen and trained experts in separate tensors (same math as the stock one)."""
+    if not has_split(self):
+        return base_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+    names = expert_param_names(self)
+    use_grouped = getattr(self, "_esft_base_impl", None) != "eager" and can_use_grouped_mm(
+        hidden_states, *(getattr(self, n) for n in names[:2])
+    )
+    split = _split_grouped if use_grouped else _split_eager
+    return split(self, hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register(ESFT_IMPLEMENTATION, esft_experts_forward)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    y = x @ w if transposed else F.linear(x, w)
+    return y if b is None else y + b
+
+
+def _grouped_linear(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, b: torch.Tensor | None, transposed: bool
+) -> torch.Tensor:
+    w_EIO = w if transposed else w.transpose(-2, -1)
+    x = x.to(w.dtype)
+    y = F.grouped_mm(x, w_EIO, offs=offsets) if hasattr(F, "grouped_mm") else torch._grouped_mm(x, w_EIO, offs=offsets)
+    return y if b is None else y + b
+
+
+def _expert_output(self: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+    # The module's own gating / activation: clamped SwiGLU, interleaved gate/up, GELU, ... are never re-implemented.
+    return self._apply_gate(projected) if self.has_gate else self.act_fn(projected)
+
+
+def _split_grouped(
+    self: nn.Module, hidden_TH: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    up, down, *biases = expert_param_names(self)
+    num_experts, num_slots = self.num_experts, self.esft_expert_ids.numel()
+    top_k = top_k_index.shape[-1]
+    # Group of each token-expert pair: frozen experts 0..E-1 keep their id, selected experts go to E + slot, and
+    # placeholder ids (>= E, e.g. expert-parallel sentinels) to a last group that is never computed. One sort then
+    # puts frozen pairs first (by expert), trained pairs next (by slot), placeholders last.
+    group = self.esft_group_of_expert[top_k_index.reshape(-1).clamp(0, num_experts)]
+    group, order = torch.sort(group)
+    counts = torch.bincount(group, minlength=num_experts + num_slots + 1)
+    ends = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    # The one host sync per layer: grouped_mm needs the split points.
+    num_frozen, num_routed = ends[[num_experts - 1, num_experts + num_slots - 1]].tolist()
+    token_of_pair = order // top_k
+    weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    out = torch.zeros_like(hidden_TH)
+    parts = (
+        (0, num_frozen, ends[:num_experts], "", 0),
+        (num_frozen, num_routed, ends[num_experts:-1] - num_frozen, TRAINED_PREFIX, num_experts),
+    )
+    for start, end, offsets, prefix, first_group in parts:
+        if end == start:
+            continue
+        tokens = token_of_pair[start:end]
+        b_up = b_down = None
+        if biases:  # per-pair bias rows: the expert (frozen part) or slot (trained part) each pair went to
+            expert_of_pair = group[start:end] - first_group
+            b_up, b_down = (getattr(self, prefix + n)[expert_of_pair] for n in biases)
+        w_up, w_down = getattr(self, prefix + up), getattr(self, prefix + down)
+        h = _expert_output(self, _grouped_linear(hidden_TH[tokens], w_up, offsets, b_up, self.is_transposed))
+        y = _grouped_linear(h, w_down, offsets, b_down, self.is_transposed)
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        out.index_add_(0, tokens, (y * weights[start:end]).to(out.dtype))
+    return out
+
+
+def _split_eager(
+    self: nn.Module, hidden_TH: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    names = expert_param_names(self)
+    out = torch.zeros_like(hidden_TH)
+    valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
+    for expert in torch.unique(top_k_index[valid]).tolist():
+        token_idx, k_pos = torch.where(top_k_index == expert)
+        slot = self._esft_slots[expert]
+        if slot >= 0:
+            tensors = [getattr(self, TRAINED_PREFIX + n)[slot] for n in names]
+        else:
+            tensors = [getattr(self, n)[expert] for n in names]
+        w_up, w_down, b_up, b_down = (*tensors, None, None) if len(tensors) == 2 else tensors
+        x = hidden_TH[token_idx].to(w_up.dtype)
+        h = _expert_output(self, _linear(x, w_up, b_up, self.is_transposed))
+        y = _linear(h, w_down, b_down, self.is_transposed)
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
+    return out
