@@ -17,6 +17,8 @@ from .run_paths import derive_output_paths, resolve_ckpt_path
 __all__ = ["ESFTCLI", "main", "make_cli", "resolve_ckpt_path"]
 
 if TYPE_CHECKING:
+    import lightning as L
+
     from .callbacks import ExpertSelectionCallback
 
 TOOLS = ("profile", "select", "merge")

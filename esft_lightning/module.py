@@ -201,7 +201,8 @@ class ESFTModule(L.LightningModule):
             # token count / world size makes that average the per-token mean of the global micro-batch.
             # (Under gradient accumulation each micro-batch is still normalised by its own tokens.)
             tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
-            aux["num_items_in_batch"] = self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
+            total = self.trainer.strategy.reduce(tokens, reduce_op="sum").clamp(min=1)  # no 0/0 on empty batches
+            aux["num_items_in_batch"] = total / self.trainer.world_size
         out = self(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"], **aux)
         loss = out.loss
         if "output_router_logits" in aux and getattr(out, "aux_loss", None) is None:

@@ -16,7 +16,7 @@ from .models import MoELayer, find_moe_layers
 
 @dataclass
 class RoutingProfile:
-    """Per-layer expert scores of a task (DESIGN section 1, paper Eq. 6-7)."""
+    """Per-layer expert scores of a task (docs/design.md section 1, paper Eq. 6-7)."""
 
     gate_scores: dict[int, torch.Tensor]
     """layer -> [num_experts]: mean over sequences of the per-token mean gate value g_{i,t}."""

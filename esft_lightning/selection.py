@@ -19,7 +19,7 @@ Scores = Mapping[int, torch.Tensor | Sequence[float] | Mapping[Any, float]]
 
 @dataclass
 class ExpertConfig:
-    """Which routed experts of which layer to train (ESFT's ``expert_cfg.json``, DESIGN section 2)."""
+    """Which routed experts of which layer to train (ESFT's ``expert_cfg.json``, docs/design.md section 2)."""
 
     experts: dict[int, list[int]]
     """decoder-layer index -> routed-expert ids, in selection order."""
@@ -79,9 +79,13 @@ class ExpertConfig:
         """Read an ``expert_cfg.json``; errors name the file (and line for malformed JSON)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"expert config {path} does not exist") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 (byte {err.start}); expert configs are UTF-8 JSON") from None
+        except RecursionError:
+            raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
         return cls.from_dict(data, source=str(path))

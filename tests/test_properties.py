@@ -5,7 +5,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
@@ -115,7 +114,6 @@ def test_expert_config_parser_on_arbitrary_json(data):
     assert ExpertConfig.from_dict(json.loads(json.dumps(config.to_dict()))).experts == config.experts
 
 
-@pytest.mark.xfail(strict=True, reason="ExpertConfig.load raises a raw UnicodeDecodeError (fix in selection.py)")
 @SETTINGS
 @given(content=st.binary(max_size=80))
 def test_expert_config_file_on_arbitrary_bytes(tmp_path, content):
