@@ -52,18 +52,23 @@ def fit_one_step(module: ESFTModule, callback: ExpertSelectionCallback, tmp_path
     """One training step of ``module`` on 16 small chat records, expert selection by ``callback``."""
     data = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
     dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(tmp_path, callbacks=[callback])
+    trainer.fit(module, dm)
+    return trainer
+
+
+def quiet_trainer(tmp_path: Path, **overrides) -> L.Trainer:
+    """A CPU Trainer for one step with no logger, checkpoints, progress bar or validation (``overrides`` win)."""
+    settings = dict(
         max_steps=1,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         limit_val_batches=0,
-        callbacks=[callback],
         default_root_dir=tmp_path,  # nothing may land in the checkout (Lightning's default is the cwd)
     )
-    trainer.fit(module, dm)
-    return trainer
+    return L.Trainer(**{**settings, **overrides})
 
 
 def log_dirs(tmp_path: Path) -> list[Path]:

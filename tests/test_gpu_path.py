@@ -2,7 +2,6 @@
 
 import json
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -19,7 +18,7 @@ from esft_lightning.routing import profile_routing
 from esft_lightning.selection import ExpertConfig
 
 from .conftest import chat, write_jsonl
-from .test_cli import fit_one_step, quick_config
+from .test_cli import fit_one_step, quick_config, quiet_trainer
 
 
 def trainable_copies(module: ESFTModule) -> dict[str, torch.dtype]:
@@ -45,14 +44,7 @@ def test_trainable_dtype_auto_trains_fp32_copies_of_a_bf16_model_and_every_load_
     resumed = ESFTModule(family="qwen3_moe", dtype="bfloat16")  # Trainer.fit(ckpt_path=...) without a callback
     data = write_jsonl(tmp_path / "task2.jsonl", [chat(f"q {i}", f"a {i}") for i in range(16)])
     dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0)
-    L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-    ).fit(resumed, dm, ckpt_path=ckpt)
+    quiet_trainer(tmp_path, max_steps=2).fit(resumed, dm, ckpt_path=ckpt)
     assert set(trainable_copies(resumed).values()) == {torch.float32}
 
 
@@ -81,15 +73,7 @@ def test_global_batch_size_derives_accumulation_per_world_size():
 def test_global_batch_size_sets_the_trainers_accumulation(tmp_path):
     data = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(32)])
     dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0, global_batch_size=8)
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        callbacks=[ExpertSelectionCallback(max_tokens=512)],
-    )
+    trainer = quiet_trainer(tmp_path, callbacks=[ExpertSelectionCallback(max_tokens=512)])
     trainer.fit(ESFTModule(family="qwen3_moe"), dm)
     assert trainer.accumulate_grad_batches == 4
     assert trainer.fit_loop.epoch_loop.batch_progress.total.ready == 4  # one optimizer step = 4 micro-batches
