@@ -14,6 +14,27 @@ ESFT_DATA = SHARED / "data" / "esft"
 FAMILIES = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
 
 
+def _git_status() -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_stays_clean():
+    """The suite writes only under tmp_path: the checkout's git status is the same after it as before."""
+    outputs = ("runs", "lightning_logs", "adapter")  # run outputs that .gitignore would hide
+    before, existed = _git_status(), {name for name in outputs if (REPO / name).exists()}
+    yield
+    after, created = _git_status(), {name for name in outputs if (REPO / name).exists()} - existed
+    if (before is not None and after != before) or created:
+        pytest.fail(f"the test suite wrote into the checkout: {sorted(created)}\n{after}")
+
+
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path, monkeypatch):
     monkeypatch.setenv("ESFT_CACHE_DIR", str(tmp_path / "cache"))
