@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from esft_lightning.adapters import save_adapter
 from esft_lightning.distributed import is_fsdp2
-from esft_lightning.experts import apply_expert_config
+from esft_lightning.experts import apply_expert_config, dtype_from_name
 from esft_lightning.files import atomic_write_text
 from esft_lightning.models import find_moe_layers
 from esft_lightning.placement import Placement, placed_for_profiling
@@ -126,7 +126,7 @@ class ExpertSelectionCallback(L.Callback):
         if name not in (None, "auto"):
             return getattr(torch, name)
         if saved is not None:
-            return getattr(torch, saved.removeprefix("torch."))
+            return dtype_from_name(saved)
         if name is None:
             return None
         dtype = resolve_trainable_dtype(model)
@@ -139,18 +139,17 @@ class ExpertSelectionCallback(L.Callback):
         return dtype
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # `esft fit --ckpt_path last` resolves the path for us; Trainer.fit/validate/test(ckpt_path=...) set
+        # trainer.ckpt_path before the setup hooks run.
+        ckpt = self.resume_ckpt or trainer.ckpt_path
         if stage != "fit":
-            # validate / test: an explicit expert config is applied now (before FSDP shards the model);
-            # otherwise ESFTModule.on_load_checkpoint applies the checkpoint's own selection.
-            if self.expert_config_path:
-                model, config = pl_module.build_model(), ExpertConfig.load(self.expert_config_path)
-                apply_expert_config(model, config, self.trainable_dtype(model, config))
+            self._setup_evaluation(pl_module, _checkpoint_esft_state(ckpt))
             return
         model = pl_module.build_model()
-        saved = _checkpoint_esft_state(self.resume_ckpt)
+        saved = _checkpoint_esft_state(ckpt)
         resumed = None if saved is None or saved.get("expert_config") is None else saved["expert_config"]
         if resumed is not None:
-            resumed = ExpertConfig.from_dict(resumed, source=str(self.resume_ckpt))
+            resumed = ExpertConfig.from_dict(resumed, source=str(ckpt))
             if self.expert_config_path and ExpertConfig.load(self.expert_config_path).experts != resumed.experts:
                 raise ValueError(
                     f"{self.expert_config_path} differs from the selection of the checkpoint being resumed"
@@ -163,6 +162,22 @@ class ExpertSelectionCallback(L.Callback):
         summary = apply_expert_config(model, config, dtype)
         self.config = config
         self._report(trainer, pl_module, config, summary)
+
+    def _setup_evaluation(self, pl_module: L.LightningModule, saved: dict | None) -> None:
+        """validate / test: apply the explicit expert config, else the checkpoint's selection and trainable dtype,
+        now (before FSDP shards the model; ESFTModule.on_load_checkpoint would run after the sharding)."""
+        model = pl_module.build_model()
+        if getattr(model, "esft_expert_config", None) is not None:
+            return  # applied already (e.g. validate right after fit)
+        saved_config = None if saved is None else saved.get("expert_config")
+        if self.expert_config_path:
+            config = ExpertConfig.load(self.expert_config_path)
+        elif saved_config is not None:
+            config = ExpertConfig.from_dict(saved_config, source="checkpoint")
+        else:
+            return
+        recorded = None if saved is None else saved.get("trainable_dtype")
+        apply_expert_config(model, config, self.trainable_dtype(model, config, recorded))
 
     def _decide(self, trainer: L.Trainer, model: torch.nn.Module) -> ExpertConfig:
         """Profile and select. With several processes rank 0 profiles alone, on its training device (the

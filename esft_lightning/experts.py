@@ -20,7 +20,6 @@ from .experts_forward import ESFT_IMPLEMENTATION, TRAINED_PREFIX, expert_param_n
 from .models import MoELayer, UnsupportedModelError, find_moe_layers, is_experts_module
 from .selection import ExpertConfig
 
-PROJECTIONS = ("gate_up_proj", "down_proj")
 """The per-expert tensors of the common (gated, bias-free) layout; see ``expert_param_names`` for any layout."""
 __all__ = ["apply_expert_config", "remove_expert_split", "trainable_summary", "validate_expert_config", "has_split"]
 
@@ -56,6 +55,9 @@ def apply_expert_config(
     """
     layers = find_moe_layers(model)
     validate_expert_config(layers, config)
+    stored = {getattr(layer.experts, expert_param_names(layer.experts)[0]).dtype for layer in layers}
+    if stored == {trainable_dtype}:
+        trainable_dtype = None  # the experts' own dtype: nothing to convert
     if trainable_dtype is not None and (config.shared_experts or config.non_expert_modules):
         model_dtypes = {p.dtype for p in model.parameters()} - {trainable_dtype}
         if model_dtypes:
@@ -100,7 +102,7 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
     """Trainable and total parameter counts (the small trained copies do not add to the total)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # The model's own size: the small esft_* copies are not extra model parameters.
-    total = sum(p.numel() for n, p in model.named_parameters() if not _is_trained_copy(n))
+    total = sum(p.numel() for n, p in model.named_parameters() if not is_trained_copy(n))
     config = getattr(model, "esft_expert_config", None)
     return {
         "trainable_params": trainable,
@@ -109,7 +111,8 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
     }
 
 
-def _is_trained_copy(name: str) -> bool:
+def is_trained_copy(name: str) -> bool:
+    """Whether a parameter name is one of the small trainable copies ``apply_expert_config`` adds."""
     return name.rsplit(".", 1)[-1].startswith(TRAINED_PREFIX)
 
 
@@ -226,3 +229,13 @@ def _load_trained_rows(module: nn.Module, state_dict: dict, prefix: str, *_args:
         full, trained = prefix + name, prefix + TRAINED_PREFIX + name
         if full in state_dict and trained not in state_dict:
             state_dict[trained] = state_dict[full][module.esft_expert_ids.to(state_dict[full].device)]
+
+
+def dtype_from_name(name: str | None) -> torch.dtype | None:
+    """``"torch.float32"`` / ``"float32"`` -> ``torch.float32`` (None stays None): dtypes as recorded in checkpoints."""
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a torch dtype name: {name!r}")
+    return dtype

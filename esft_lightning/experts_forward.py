@@ -143,7 +143,9 @@ def _split_grouped(
     # Group of each token-expert pair: frozen experts 0..E-1 keep their id, selected experts go to E + slot, and
     # placeholder ids (>= E, e.g. expert-parallel sentinels) to a last group that is never computed. One sort then
     # puts frozen pairs first (by expert), trained pairs next (by slot), placeholders last.
-    group = self.esft_group_of_expert[top_k_index.reshape(-1).clamp(0, num_experts)]
+    ids = top_k_index.reshape(-1)
+    ids = torch.where((ids < 0) | (ids >= num_experts), num_experts, ids)  # -1 / >= E: placeholders, never run
+    group = self.esft_group_of_expert[ids]
     group, order = torch.sort(group)
     counts = torch.bincount(group, minlength=num_experts + num_slots + 1)
     ends = torch.cumsum(counts, dim=0, dtype=torch.int32)
@@ -151,7 +153,7 @@ def _split_grouped(
     num_frozen, num_routed = ends[[num_experts - 1, num_experts + num_slots - 1]].tolist()
     token_of_pair = order // top_k
     weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
-    out = torch.zeros_like(hidden_TH)
+    out = _accumulator(hidden_TH)
     parts = (
         (0, num_frozen, ends[:num_experts], "", 0),
         (num_frozen, num_routed, ends[num_experts:-1] - num_frozen, TRAINED_PREFIX, num_experts),
@@ -170,14 +172,20 @@ def _split_grouped(
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
         out.index_add_(0, tokens, (y * weights[start:end]).to(out.dtype))
-    return out
+    return out.to(hidden_TH.dtype)
+
+
+def _accumulator(hidden_TH: torch.Tensor) -> torch.Tensor:
+    # A token's k expert outputs are summed in fp32 for 16-bit models, as the stock experts' reduction does.
+    dtype = torch.float32 if hidden_TH.dtype in (torch.bfloat16, torch.float16) else hidden_TH.dtype
+    return torch.zeros(hidden_TH.shape, dtype=dtype, device=hidden_TH.device)
 
 
 def _split_eager(
     self: nn.Module, hidden_TH: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     names = expert_param_names(self)
-    out = torch.zeros_like(hidden_TH)
+    out = _accumulator(hidden_TH)
     valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
     for expert in torch.unique(top_k_index[valid]).tolist():
         token_idx, k_pos = torch.where(top_k_index == expert)
@@ -193,4 +201,4 @@ def _split_eager(
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
         out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
-    return out
+    return out.to(hidden_TH.dtype)

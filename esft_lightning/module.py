@@ -22,7 +22,7 @@ from .distributed import (
     peak_host_bytes,
     shard_model,
 )
-from .experts import apply_expert_config, trainable_summary
+from .experts import apply_expert_config, dtype_from_name, is_trained_copy, trainable_summary
 from .models import build_tiny_model, enable_activation_checkpointing, get_family
 from .selection import ExpertConfig
 from .sources import IGNORE_INDEX
@@ -303,10 +303,18 @@ class ESFTModule(L.LightningModule):
 
     # -- small checkpoints ------------------------------------------------------------------------
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict:
-        """Once experts are selected (and ``save_trainable_only``): only the trainable tensors, for small
-        checkpoints. The Hugging Face model's own ``state_dict()`` stays complete."""
-        if not self.save_trainable_only or self.model is None or self.expert_config is None:
+        """Once experts are selected: with ``save_trainable_only`` only the trainable tensors (small checkpoints);
+        otherwise the whole model under its own keys, trained rows merged, plus the small trained copies
+        themselves, which resuming and evaluation load directly (FSDP loads tensor by tensor, so the copies
+        cannot be re-sliced from the merged rows there). The Hugging Face model's own ``state_dict()`` keeps
+        only its own keys."""
+        if self.model is None or self.expert_config is None:
             return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if not self.save_trainable_only:
+            state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+            copies = {n: p for n, p in self.named_parameters() if is_trained_copy(n)}
+            state.update({prefix + n: p if keep_vars else p.detach() for n, p in copies.items()})
+            return state
         return {prefix + n: p if keep_vars else p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -314,14 +322,13 @@ class ESFTModule(L.LightningModule):
         checkpoint["esft"] = {
             "model_type": self.model.config.model_type,
             "expert_config": None if config is None else config.to_dict(),
-            "trainable": sorted(n for n, p in self.named_parameters() if p.requires_grad),
             "trainable_dtype": self.trainable_copies_dtype,
         }
 
     @property
     def trainable_copies_dtype(self) -> str | None:
         """dtype of the selected experts' trainable copies (e.g. ``torch.float32``), None without any."""
-        copies = (p for n, p in self.model.named_parameters() if n.rsplit(".", 1)[-1].startswith("esft_"))
+        copies = (p for n, p in self.model.named_parameters() if is_trained_copy(n))
         first = next(copies, None)
         return None if first is None else str(first.dtype)
 
@@ -346,16 +353,20 @@ class ESFTModule(L.LightningModule):
                     "expert_cfg.json as ExpertSelectionCallback(expert_config=...), "
                     "or resume with `esft fit --ckpt_path`"
                 )
-            saved_dtype = saved.get("trainable_dtype")
-            dtype = None if saved_dtype is None else getattr(torch, saved_dtype.removeprefix("torch."))
+            dtype = dtype_from_name(saved.get("trainable_dtype"))
             apply_expert_config(model, ExpertConfig.from_dict(saved["expert_config"], source="checkpoint"), dtype)
-        elif saved["expert_config"] is not None and (
-            ExpertConfig.from_dict(saved["expert_config"]).experts != current.experts
-        ):
-            raise ValueError(
-                "checkpoint was trained with a different expert selection than this run's: resume with the "
-                "checkpoint's expert_cfg.json (ExpertSelectionCallback(expert_config=...)) or start afresh"
-            )
+        elif saved["expert_config"] is not None:
+            if ExpertConfig.from_dict(saved["expert_config"]).experts != current.experts:
+                raise ValueError(
+                    "checkpoint was trained with a different expert selection than this run's: resume with the "
+                    "checkpoint's expert_cfg.json (ExpertSelectionCallback(expert_config=...)) or start afresh"
+                )
+            saved_dtype = saved.get("trainable_dtype")
+            if saved_dtype is not None and saved_dtype != self.trainable_copies_dtype:
+                raise ValueError(
+                    f"checkpoint trained the selected experts in {saved_dtype}, this run in "
+                    f"{self.trainable_copies_dtype}: set ExpertSelectionCallback(trainable_dtype=...) to match"
+                )
         trainable = sorted(n for n, p in self.named_parameters() if p.requires_grad)
         # (FSDP strategies load the module state themselves and hand this hook a checkpoint without it.)
         small = self.save_trainable_only and saved["expert_config"] is not None and "state_dict" in checkpoint

@@ -355,8 +355,9 @@ def test_placeholder_expert_ids_contribute_nothing(impl):
     index = torch.randint(0, layer.num_experts, (6, 4), generator=g)
     index[:, 0] = torch.tensor([2, 7, 2, 0, 7, 1])  # selected experts are routed to
     index[0, 1], index[3, 2] = layer.num_experts, layer.num_experts + 5  # expert-parallel style placeholders
+    index[2, 3] = -1  # padding-style placeholder: must not become expert 0
     weights = torch.rand(6, 4, generator=g)
-    placeholder = index >= layer.num_experts
+    placeholder = (index >= layer.num_experts) | (index < 0)
     with torch.no_grad():
         got = layer.experts(x, index, weights)
         want = layer.experts(x, index.masked_fill(placeholder, 0), weights.masked_fill(placeholder, 0.0))
