@@ -48,7 +48,8 @@ class ESFTDataModule(L.LightningDataModule):
 
     ``batch_size`` is the micro-batch of one rank. ``global_batch_size`` (optional) is the batch of one
     optimizer step over all ranks: gradient accumulation is derived from it (global = micro-batch x
-    data-parallel ranks x accumulation), so one config means the same on 1 or 8 GPUs.
+    data-parallel ranks x accumulation), so one config means the same on 1 or 8 GPUs; so does
+    ``val_every_n_steps`` (validation every n optimizer steps, whatever the accumulation).
     ``template``: ``esft`` (ESFT's own chat format) or ``model`` (the tokenizer's chat template, trained on
     the tokens inside its ``{% generation %}`` blocks).
     """
@@ -71,6 +72,7 @@ class ESFTDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         template: Template = "esft",
         global_batch_size: int | None = None,
+        val_every_n_steps: int | None = None,
         test: list[Source] | None = None,
     ) -> None:
         super().__init__()
@@ -106,6 +108,9 @@ class ESFTDataModule(L.LightningDataModule):
         self.num_train_sequences, self.seed, self.num_workers = num_train_sequences, seed, num_workers
         self.tokenizer_path, self.cache_dir, self.template = tokenizer, cache_dir, template
         self.global_batch_size, self.test = global_batch_size, list(test or [])
+        if val_every_n_steps is not None and val_every_n_steps < 1:
+            raise ValueError(f"data.val_every_n_steps must be >= 1 (or null), got {val_every_n_steps!r}")
+        self.val_every_n_steps = val_every_n_steps
         self.tokenizer = None
         self.train_sequences: dict[str, list] = {}
         self.val_sequences: dict[str, list] = {}
@@ -145,6 +150,9 @@ class ESFTDataModule(L.LightningDataModule):
             trainer.accumulate_grad_batches = gradient_accumulation(
                 self.global_batch_size, self.batch_size, trainer.world_size, trainer.accumulate_grad_batches
             )
+        if self.val_every_n_steps is not None and self.trainer is not None:
+            # Lightning counts validation intervals in one rank's micro-batches; this counts optimizer steps.
+            self.trainer.val_check_interval = self.val_every_n_steps * self.trainer.accumulate_grad_batches
         if self.train_sequences:
             return
         tokenizer = self._resolve_tokenizer()

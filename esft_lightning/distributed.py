@@ -13,6 +13,8 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from .models.discovery import decoder_layers
+
 
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy with ESFT's defaults: every rank is a data-parallel (FSDP2) rank.
@@ -87,7 +89,7 @@ def shard_model(model: nn.Module, mesh: Any, bf16_compute: bool, fill_from_rank0
     else:
         policy = MixedPrecisionPolicy()
     rank0 = fill_from_rank0 and dist.get_rank() == 0
-    layers = list(model.get_decoder().layers)
+    layers = list(decoder_layers(model))  # wherever the text decoder keeps them (VLMs included)
     for layer in layers:
         full = persistent_state(layer) if rank0 else {}  # references, taken before fully_shard replaces them
         fully_shard(layer, mesh=mesh, mp_policy=policy)

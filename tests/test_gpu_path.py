@@ -72,11 +72,26 @@ def test_global_batch_size_derives_accumulation_per_world_size():
 
 def test_global_batch_size_sets_the_trainers_accumulation(tmp_path):
     data = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(32)])
-    dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0, global_batch_size=8)
-    trainer = quiet_trainer(tmp_path, callbacks=[ExpertSelectionCallback(max_tokens=512)])
+    dm = ESFTDataModule(
+        task=[Source(str(data))],
+        seq_length=32,
+        batch_size=2,
+        general_ratio=0,
+        global_batch_size=8,
+        val_every_n_steps=1,
+    )
+    trainer = quiet_trainer(
+        tmp_path,
+        max_steps=2,
+        limit_val_batches=1,
+        check_val_every_n_epoch=None,
+        callbacks=[ExpertSelectionCallback(max_tokens=512)],
+    )
     trainer.fit(ESFTModule(family="qwen3_moe"), dm)
     assert trainer.accumulate_grad_batches == 4
-    assert trainer.fit_loop.epoch_loop.batch_progress.total.ready == 4  # one optimizer step = 4 micro-batches
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.ready == 8  # two optimizer steps of 4 micro-batches
+    assert trainer.val_check_interval == 4 and trainer.val_check_batch == 4  # validation after each step
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.ready == 2
 
 
 def test_ddp_gets_find_unused_parameters_and_tensor_parallel_is_refused():
