@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from esft_lightning.adapters import save_adapter
-from esft_lightning.distributed import is_fsdp2
+from esft_lightning.distributed import is_fsdp2, save_pretrained_merged
 from esft_lightning.experts import apply_expert_config, dtype_from_name
 from esft_lightning.files import atomic_write_text
 from esft_lightning.models import find_moe_layers
@@ -45,6 +45,8 @@ class ExpertSelectionCallback(L.Callback):
             model to the GPU when it fits and otherwise streams each layer's weights from host memory
             (``offload``); ``move`` always moves it.
         save_adapter: write the trained experts as an adapter to ``<log_dir>/adapter`` when fit ends.
+        save_merged: also write the whole model, trained experts merged, as a ``save_pretrained`` directory to
+            ``<log_dir>/merged`` when fit ends (under FSDP too: the shards are gathered to rank 0).
         plot: write a routing heatmap PNG to the log dir (and to the logger, if it takes images).
     """
 
@@ -60,6 +62,7 @@ class ExpertSelectionCallback(L.Callback):
         seed: int = 0,
         trainable_dtype: str | None = "auto",
         save_adapter: bool = True,
+        save_merged: bool = False,
         plot: bool = True,
         placement: Placement = "auto",
     ) -> None:
@@ -70,7 +73,7 @@ class ExpertSelectionCallback(L.Callback):
         self.score_function, self.top_p, self.max_tokens = score_function, top_p, max_tokens
         self.expert_config_path, self.profile_batch_size, self.seed = expert_config, profile_batch_size, seed
         self.flags = {"shared_experts": shared_experts, "non_expert_modules": non_expert_modules}
-        self.write_adapter, self.plot = save_adapter, plot
+        self.write_adapter, self.write_merged, self.plot = save_adapter, save_merged, plot
         if trainable_dtype not in (None, "auto") and not isinstance(getattr(torch, trainable_dtype, None), torch.dtype):
             raise ValueError(
                 f"trainable_dtype must be auto or a torch dtype name such as float32, got {trainable_dtype!r}"
@@ -250,6 +253,9 @@ class ExpertSelectionCallback(L.Callback):
         elif self.write_adapter and trainer.log_dir is not None:
             path = save_adapter(pl_module.model, Path(trainer.log_dir) / "adapter")
             rank_zero_info(f"ESFT: adapter written to {path}")
+        if self.write_merged and trainer.logger is not None and trainer.log_dir is not None:
+            path = save_pretrained_merged(pl_module.model, Path(trainer.log_dir) / "merged")
+            rank_zero_info(f"ESFT: merged model written to {path}")
 
 
 def resolve_trainable_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -12,6 +14,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .models.discovery import decoder_layers
 
@@ -82,7 +85,6 @@ def shard_model(model: nn.Module, mesh: Any, bf16_compute: bool, fill_from_rank0
     allocate only their shards.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.tensor import DTensor
 
     if bf16_compute:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -155,6 +157,30 @@ def _device(device_type: str) -> torch.device:
     if device_type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device_type)
+
+
+def save_pretrained_merged(model: nn.Module, path: str | os.PathLike) -> Path:
+    """``save_pretrained`` of the whole model with the trained experts merged in, sharded (FSDP2) or not.
+
+    Under FSDP every rank must call it (the shards are gathered collectively); rank 0 writes, through a temp
+    folder swapped in whole, so a crash never leaves a half-written model.
+    """
+    from .files import atomic_write_dir
+
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)  # gathered on rank 0, via the merge hooks
+    else:
+        state = model.state_dict()  # the hooks merge the trained rows on the host
+    path = Path(path)
+    if not sharded or dist.get_rank() == 0:
+        atomic_write_dir(path, lambda folder: model.save_pretrained(folder, state_dict=state))
+    if sharded:
+        dist.barrier()
+    return path
 
 
 def peak_host_bytes() -> int:

@@ -43,7 +43,7 @@ def fsdp_fit(cfg, cwd, *extra: str, strategy_config: str = "configs/fsdp.yaml") 
 
 
 def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
-    out = fsdp_fit(quick_config(tmp_path, steps=3), tmp_path, "--model.save_trainable_only", "false")
+    out = fsdp_fit(quick_config(tmp_path, steps=3, save_merged=True), tmp_path, "--model.save_trainable_only", "false")
     assert re.search(r"rank 0 selected \d+ experts; broadcast to 2 ranks", out)
     shares = [float(s) for s in re.findall(r"ESFT FSDP rank \d: parameter bytes \d+ local of \d+ \(([\d.]+)\)", out)]
     assert len(shares) == 2 and all(0.45 <= s <= 0.55 for s in shares), shares
@@ -62,10 +62,24 @@ def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
         assert float(row["train/ppl"]) == pytest.approx(math.exp(float(row["train/loss"])), rel=1e-5)
     # save_trainable_only: false -> the whole model under its own keys and shapes, trained rows merged in
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    assert not any("esft_" in k for k in state)
+    assert {k for k in state if "esft_" in k} == {
+        f"model.model.layers.{layer}.mlp.experts.esft_{name}"
+        for layer in config.experts
+        for name in ("gate_up_proj", "down_proj")
+    }  # the whole model under its own keys, plus the small trained copies
     for layer, ids in config.experts.items():
         fused = state[f"model.model.layers.{layer}.mlp.experts.gate_up_proj"]
         assert fused.device.type == "cpu" and fused.shape[0] == 16  # every routed expert, merged on CPU
+        torch.testing.assert_close(fused[ids], adapter[f"model.layers.{layer}.mlp.experts.gate_up_proj"])
+        copy = state[f"model.model.layers.{layer}.mlp.experts.esft_gate_up_proj"]  # resume loads these directly
+        torch.testing.assert_close(copy, adapter[f"model.layers.{layer}.mlp.experts.gate_up_proj"])
+    # save_merged: a save_pretrained directory gathered from the shards, which stock transformers loads
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    assert not any(isinstance(p, torch.distributed.tensor.DTensor) for p in merged.parameters())
+    for layer, ids in config.experts.items():
+        fused = merged.model.layers[layer].mlp.experts.gate_up_proj.detach()
         torch.testing.assert_close(fused[ids], adapter[f"model.layers.{layer}.mlp.experts.gate_up_proj"])
 
 
@@ -106,14 +120,25 @@ def test_fsdp_adapter_equals_single_process_run(tmp_path):
         torch.testing.assert_close(adapters["fsdp"][1][key], value, atol=1e-5, rtol=1e-4)
 
 
-def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path):
-    fsdp_fit(quick_config(tmp_path / "a", steps=6), tmp_path)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        (),  # small checkpoints (trainable tensors only), fp32 model
+        # whole-model checkpoints of a bf16 model with fp32 trained copies: the default GPU recipe
+        ("--model.save_trainable_only", "false", "--model.dtype", "bfloat16"),
+    ],
+    ids=["small-fp32", "full-bf16"],
+)
+def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path, settings):
+    fsdp_fit(quick_config(tmp_path / "a", steps=6), tmp_path, *settings)
     run_a = sorted((tmp_path / "a/run/logs").glob("version_*"))[-1]
     cfg = quick_config(tmp_path / "b", steps=4)
-    fsdp_fit(cfg, tmp_path)
+    fsdp_fit(cfg, tmp_path, *settings)
     ckpt = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1] / "checkpoints/last.ckpt"
     (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
-    out = fsdp_fit(cfg, tmp_path, "--trainer.max_steps", "6", "--ckpt_path", "last")
+    if settings:
+        assert torch.load(ckpt, weights_only=True)["esft"]["trainable_dtype"] == "torch.float32"
+    out = fsdp_fit(cfg, tmp_path, *settings, "--trainer.max_steps", "6", "--ckpt_path", "last")
     assert "resuming with the checkpoint's expert selection" in out
     run_b = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1]
     a, b = load_file(str(run_a / "adapter/adapter.safetensors")), load_file(str(run_b / "adapter/adapter.safetensors"))
