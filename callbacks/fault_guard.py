@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from esft_lightning.distributed import local_shard
+
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped because the loss (or a gradient) was NaN or infinite."""
@@ -42,7 +44,7 @@ class NonFiniteLossGuard(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad_grad = any(not torch.isfinite(_local(p.grad)).all() for p in params)
+        bad_grad = any(not torch.isfinite(local_shard(p.grad)).all() for p in params)
         bad = trainer.strategy.reduce_boolean_decision(self._bad_loss is not None or bad_grad, all=False)
         what = f"loss {self._bad_loss}" if self._bad_loss is not None else "a non-finite gradient"
         self._bad_loss = None
@@ -68,7 +70,3 @@ class NonFiniteLossGuard(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = state_dict.get("skipped", 0)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2 DTensor: this rank's shard

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .distributed import full_on_host
 from .experts import remove_expert_split, validate_expert_config
 from .experts_forward import TRAINED_PREFIX, expert_param_names
 from .files import atomic_write_dir
@@ -21,14 +22,6 @@ from .selection import ExpertConfig
 CONFIG_FILE, WEIGHTS_FILE = "expert_cfg.json", "adapter.safetensors"
 # ESFT's released adapters (DeepSeek-V2-Lite remote code): one tensor per expert and projection.
 _RELEASED_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on CPU, gathering a sharded (FSDP2 DTensor) one first."""
-    t = t.detach()
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.cpu().contiguous()
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,13 +41,13 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             trained = getattr(module, TRAINED_PREFIX + proj, None)
             fused = getattr(module, proj)
             if trained is not None:
-                tensors[f"{name}.{proj}"] = _full(trained)
+                tensors[f"{name}.{proj}"] = full_on_host(trained).contiguous()
             elif fused.requires_grad:  # every expert of the layer trained
-                tensors[f"{name}.{proj}"] = _full(fused)[torch.tensor(ids)]
+                tensors[f"{name}.{proj}"] = full_on_host(fused)[torch.tensor(ids)].contiguous()
     for name, p in model.named_parameters():
         owner = name.rsplit(".", 1)[0]
         if p.requires_grad and owner not in experts_names:
-            tensors[name] = _full(p)
+            tensors[name] = full_on_host(p).contiguous()
     return tensors
 
 

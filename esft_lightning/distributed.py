@@ -211,3 +211,31 @@ def allow_unused_experts_under_ddp(strategy: Strategy) -> None:
         "ESFT: DDP runs with find_unused_parameters=True (a selected expert may get no token in a micro-batch). "
         "DDP keeps a full model copy per GPU: for large models use configs/fsdp.yaml (FSDP2) instead."
     )
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (FSDP2 DTensor) tensor; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_on_host(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """The whole tensor in host memory, gathering a sharded (FSDP2 DTensor) one first (a collective: every rank
+    must call it). ``copy``: a new tensor even when ``t`` already is a plain CPU tensor."""
+    t = t.detach()
+    if isinstance(t, DTensor):
+        return t.full_tensor().cpu()
+    return t.to("cpu", copy=copy)
+
+
+def training_memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this process holds in parameters, gradients and optimizer state (local shards under FSDP)."""
+
+    def local_bytes(t: torch.Tensor) -> int:
+        return local_shard(t).numel() * t.element_size()
+
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    return {
+        "param_bytes": sum(local_bytes(p) for p in model.parameters()),
+        "grad_bytes": sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None),
+        "optimizer_state_bytes": sum(local_bytes(t) for t in state),
+    }

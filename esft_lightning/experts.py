@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import full_on_host
 from .experts_forward import ESFT_IMPLEMENTATION, TRAINED_PREFIX, expert_param_names, has_split
 from .models import MoELayer, UnsupportedModelError, find_moe_layers, is_experts_module
 from .selection import ExpertConfig
@@ -211,16 +212,9 @@ def _state_dict_with_trained_rows(module: nn.Module, state_dict: dict, prefix: s
         trained = state_dict.pop(prefix + TRAINED_PREFIX + name, None)
         if trained is None or prefix + name not in state_dict:
             continue
-        merged = _on_host(state_dict[prefix + name], copy=True)
-        merged[module.esft_expert_ids.cpu()] = _on_host(trained, copy=False).to(merged.dtype)
+        merged = full_on_host(state_dict[prefix + name], copy=True)
+        merged[module.esft_expert_ids.cpu()] = full_on_host(trained, copy=False).to(merged.dtype)
         state_dict[prefix + name] = merged
-
-
-def _on_host(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    t = t.detach()
-    if hasattr(t, "full_tensor"):
-        return t.full_tensor().cpu()
-    return t.to("cpu", copy=copy)
 
 
 def _load_trained_rows(module: nn.Module, state_dict: dict, prefix: str, *_args: Any) -> None:

@@ -19,8 +19,10 @@ from .distributed import (
     current_host_bytes,
     data_parallel_mesh,
     is_fsdp2,
+    local_shard,
     peak_host_bytes,
     shard_model,
+    training_memory_bytes,
 )
 from .experts import apply_expert_config, dtype_from_name, is_trained_copy, trainable_summary
 from .models import build_tiny_model, enable_activation_checkpointing, get_family
@@ -174,7 +176,7 @@ class ESFTModule(L.LightningModule):
         dp_mesh = data_parallel_mesh(mesh)
         shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=self.loads_on_rank0_only)
         model._esft_sharded = True
-        local = sum(_local_numel(p) * p.element_size() for p in model.parameters())
+        local = sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
         full = sum(p.numel() * p.element_size() for p in model.parameters())
         above = peak_host_bytes() - getattr(self, "_host_bytes_before_model", 0)
         print(
@@ -376,24 +378,6 @@ class ESFTModule(L.LightningModule):
 
     def trainable_summary(self) -> dict[str, int]:
         return trainable_summary(self.model)
-
-
-def training_memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes this process holds in parameters, gradients and optimizer state (local shards under FSDP)."""
-
-    def local_bytes(t: torch.Tensor) -> int:
-        return _local_numel(t) * t.element_size()
-
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-    return {
-        "param_bytes": sum(local_bytes(p) for p in model.parameters()),
-        "grad_bytes": sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None),
-        "optimizer_state_bytes": sum(local_bytes(t) for t in state),
-    }
-
-
-def _local_numel(p: torch.Tensor) -> int:
-    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -19,7 +19,7 @@ from .test_cli import quick_config
 pytestmark = pytest.mark.slow  # two processes each; CI runs them too
 
 
-def fsdp_fit(cfg, cwd, *extra: str, strategy_config: str = "configs/fsdp.yaml") -> str:
+def two_process_fit(cfg, cwd, *extra: str, strategy_config: str = "configs/fsdp.yaml") -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     strategy = ["--config", str(REPO / strategy_config)] if strategy_config else ["--trainer.strategy", "ddp"]
     cmd = [
@@ -43,7 +43,9 @@ def fsdp_fit(cfg, cwd, *extra: str, strategy_config: str = "configs/fsdp.yaml") 
 
 
 def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
-    out = fsdp_fit(quick_config(tmp_path, steps=3, save_merged=True), tmp_path, "--model.save_trainable_only", "false")
+    out = two_process_fit(
+        quick_config(tmp_path, steps=3, save_merged=True), tmp_path, "--model.save_trainable_only", "false"
+    )
     assert re.search(r"rank 0 selected \d+ experts; broadcast to 2 ranks", out)
     shares = [float(s) for s in re.findall(r"ESFT FSDP rank \d: parameter bytes \d+ local of \d+ \(([\d.]+)\)", out)]
     assert len(shares) == 2 and all(0.45 <= s <= 0.55 for s in shares), shares
@@ -107,7 +109,7 @@ def test_fsdp_adapter_equals_single_process_run(tmp_path):
         cfg["trainer"]["callbacks"][0]["init_args"].update(max_tokens=1024)
         cfg_path.write_text(yaml.safe_dump(cfg))
         if devices == 2:
-            fsdp_fit(cfg_path, tmp_path)
+            two_process_fit(cfg_path, tmp_path)
         else:
             main(["fit", "--config", str(cfg_path)])
         run = sorted((tmp_path / name / "run" / "logs").glob("version_*"))[-1]
@@ -130,15 +132,15 @@ def test_fsdp_adapter_equals_single_process_run(tmp_path):
     ids=["small-fp32", "full-bf16"],
 )
 def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path, settings):
-    fsdp_fit(quick_config(tmp_path / "a", steps=6), tmp_path, *settings)
+    two_process_fit(quick_config(tmp_path / "a", steps=6), tmp_path, *settings)
     run_a = sorted((tmp_path / "a/run/logs").glob("version_*"))[-1]
     cfg = quick_config(tmp_path / "b", steps=4)
-    fsdp_fit(cfg, tmp_path, *settings)
+    two_process_fit(cfg, tmp_path, *settings)
     ckpt = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1] / "checkpoints/last.ckpt"
     (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
     if settings:
         assert torch.load(ckpt, weights_only=True)["esft"]["trainable_dtype"] == "torch.float32"
-    out = fsdp_fit(cfg, tmp_path, *settings, "--trainer.max_steps", "6", "--ckpt_path", "last")
+    out = two_process_fit(cfg, tmp_path, *settings, "--trainer.max_steps", "6", "--ckpt_path", "last")
     assert "resuming with the checkpoint's expert selection" in out
     run_b = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1]
     a, b = load_file(str(run_a / "adapter/adapter.safetensors")), load_file(str(run_b / "adapter/adapter.safetensors"))
@@ -148,7 +150,7 @@ def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path, settings):
 
 
 def test_ddp_two_processes_train_with_unused_experts_allowed(tmp_path):
-    out = fsdp_fit(quick_config(tmp_path, steps=3), tmp_path, strategy_config="")
+    out = two_process_fit(quick_config(tmp_path, steps=3), tmp_path, strategy_config="")
     assert "find_unused_parameters=True" in out
     assert re.search(r"rank 0 selected \d+ experts; broadcast to 2 ranks", out)
     run = sorted((tmp_path / "run" / "logs").glob("version_*"))[-1]
