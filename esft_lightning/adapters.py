@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -114,15 +116,19 @@ def _fuse_released_layout(tensors: dict[str, torch.Tensor], config: ExpertConfig
     return out
 
 
-@torch.no_grad()
-def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> ExpertConfig:
-    """Write an adapter's trained values into ``base_model`` in place (also ESFT's released layout).
+@dataclass
+class _Write:
+    """One adapter tensor bound for the model: whole (``rows`` None) or into the rows of the fused experts."""
 
-    Afterwards ``base_model`` computes what the trained model computed. Mismatches (model family,
-    layers, expert counts, shapes, unknown tensors) raise an error naming what differs; nothing is
-    written into the model unless the whole adapter fits.
-    """
-    path = Path(path)
+    key: str
+    target: torch.Tensor
+    rows: list[int] | None
+    value: torch.Tensor
+    layer: int | None = None
+
+
+def _plan(base_model: nn.Module, path: Path) -> tuple[ExpertConfig, list[_Write]]:
+    """Read an adapter and check that all of it fits ``base_model``; changes nothing."""
     config, tensors, metadata = _read_adapter(path)
     model_type = base_model.config.model_type
     saved_type = metadata.get("model_type") or config.meta.get("model_type")
@@ -133,7 +139,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> ExpertConfig
     params = dict(base_model.named_parameters())
     experts_names = {n: m for n, m in base_model.named_modules() if any(m is layer.experts for layer in layers)}
     index_of = {n: next(layer.index for layer in layers if layer.experts is m) for n, m in experts_names.items()}
-    writes: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+    writes: list[_Write] = []
     for key, value in tensors.items():
         owner, _, proj = key.rpartition(".")
         if owner in experts_names and proj in expert_param_names(experts_names[owner]):
@@ -142,13 +148,13 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> ExpertConfig
             expected = (len(ids), *target.shape[1:])
             if tuple(value.shape) != expected:
                 raise ValueError(f"adapter tensor {key}: shape {tuple(value.shape)}, the model expects {expected}")
-            writes.append((target, torch.tensor(ids, dtype=torch.long), value))
+            writes.append(_Write(key, target, list(ids), value, index_of[owner]))
         elif key in params:
             if params[key].shape != value.shape:
                 raise ValueError(
                     f"adapter tensor {key}: shape {tuple(value.shape)}, the model has {tuple(params[key].shape)}"
                 )
-            writes.append((params[key], None, value))
+            writes.append(_Write(key, params[key], None, value))
         else:
             raise ValueError(f"adapter tensor {key} matches no parameter of this {model_type} model")
     for name in experts_names:
@@ -159,22 +165,97 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> ExpertConfig
                     f"adapter {path}: {CONFIG_FILE} selects experts in layer {index_of[name]}, "
                     f"but the weights lack {name}.{missing[0]}"
                 )
+    return config, writes
+
+
+def _write(target: torch.Tensor, row: int | None, value: torch.Tensor) -> None:
+    value = value.to(target.device, target.dtype)
+    if row is None:
+        target.copy_(value)
+    else:
+        target[row] = value
+
+
+@torch.no_grad()
+def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> ExpertConfig:
+    """Write an adapter's trained values into ``base_model`` in place (also ESFT's released layout).
+
+    Afterwards ``base_model`` computes what the trained model computed. Mismatches (model family,
+    layers, expert counts, shapes, unknown tensors) raise an error naming what differs; nothing is
+    written into the model unless the whole adapter fits.
+    """
+    return load_adapters(base_model, [path])[0]
+
+
+OverlapPolicy = Literal["refuse", "first", "average"]
+
+
+@torch.no_grad()
+def load_adapters(
+    base_model: nn.Module, paths: list[str | os.PathLike], overlap: OverlapPolicy = "refuse"
+) -> list[ExpertConfig]:
+    """Write several task adapters into one model: each keeps its experts, so the model serves every task.
+
+    ESFT's expert sets of different tasks rarely overlap. Where two adapters train the same expert (or the
+    same shared / non-expert tensor), ``overlap`` decides: ``refuse`` (default) raises an error naming the
+    layers, experts and adapters; ``first`` keeps the first adapter's values; ``average`` writes their mean.
+    Every adapter is checked before anything is written.
+    """
+    if overlap not in ("refuse", "first", "average"):
+        raise ValueError(f"overlap must be refuse, first or average, got {overlap!r}")
+    plans = [(Path(p), *_plan(base_model, Path(p))) for p in paths]
+    # (tensor, row) -> the write that targets it and every adapter's value for it, in adapter order
+    slots: dict[tuple[int, int | None], tuple[_Write, list[tuple[int, torch.Tensor]]]] = {}
+    for i, (_path, _config, writes) in enumerate(plans):
+        for w in writes:
+            for r, row in enumerate(w.rows if w.rows is not None else [None]):
+                value = w.value if row is None else w.value[r]
+                slots.setdefault((id(w.target), row), (w, []))[1].append((i, value))
+    shared = {key: (w, values) for key, (w, values) in slots.items() if len(values) > 1}
+    if shared and overlap == "refuse":
+        raise ValueError(_overlap_message(shared, [p for p, _, _ in plans]))
     remove_expert_split(base_model)  # only now: every check passed, the model is about to change
-    for target, ids, value in writes:
-        value = value.to(target.device, target.dtype)
-        if ids is None:
-            target.copy_(value)
+    for (_tensor, row), (w, values) in slots.items():
+        if overlap == "average" and len(values) > 1:
+            _write(w.target, row, torch.stack([v.float() for _, v in values]).mean(0))
         else:
-            target[ids.to(target.device)] = value
-    return config
+            _write(w.target, row, values[0][1])
+    return [config for _, config, _ in plans]
 
 
-def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, trust_remote_code: bool = False) -> Path:
-    """Base model directory + adapter -> a standard ``save_pretrained`` directory (with tokenizer)."""
+def _overlap_message(shared: dict, paths: list[Path]) -> str:
+    experts: dict[tuple[int, tuple[int, ...]], set[int]] = {}
+    whole: dict[str, tuple[int, ...]] = {}
+    for (_tensor, row), (w, values) in shared.items():
+        owners = tuple(i for i, _ in values)
+        if row is None:
+            whole[w.key] = owners
+        else:
+            experts.setdefault((w.layer, owners), set()).add(row)
+    names = [str(p) for p in paths]
+    parts = [
+        f"layer {layer} experts {sorted(ids)} (adapters {', '.join(names[i] for i in owners)})"
+        for (layer, owners), ids in sorted(experts.items())
+    ]
+    parts += [f"{key} (adapters {', '.join(names[i] for i in owners)})" for key, owners in sorted(whole.items())]
+    return (
+        "adapters overlap: " + "; ".join(parts) + ". Each expert can carry one task: pass overlap='first' (keep the "
+        "first adapter's values) or overlap='average' (their mean) to merge anyway (esft merge --overlap ...)"
+    )
+
+
+def merge_adapter(
+    base_dir: str,
+    adapter_dir: str | list[str],
+    out_dir: str,
+    trust_remote_code: bool = False,
+    overlap: OverlapPolicy = "refuse",
+) -> Path:
+    """Base model directory + one or more adapters -> a standard ``save_pretrained`` directory (with tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code, dtype="auto")
-    load_adapter(model, adapter_dir)
+    load_adapters(model, [adapter_dir] if isinstance(adapter_dir, (str, os.PathLike)) else list(adapter_dir), overlap)
     out = Path(out_dir)
     model.save_pretrained(out)
     try:

@@ -61,13 +61,25 @@ def _tool_main(command: str, argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog=f"esft {command}")
     if command == "merge":
         parser.add_argument("--base", required=True, help="base model directory (save_pretrained layout)")
-        parser.add_argument("--adapter", required=True, help="adapter directory (expert_cfg.json + safetensors)")
+        parser.add_argument(
+            "--adapter",
+            required=True,
+            action="append",
+            help="adapter directory (expert_cfg.json + safetensors); repeat it for several task adapters in one model",
+        )
         parser.add_argument("--out", required=True, help="output directory for the merged model")
+        parser.add_argument(
+            "--overlap",
+            choices=["refuse", "first", "average"],
+            default="refuse",
+            help="when adapters train the same expert: refuse (default), keep the first adapter's, or average",
+        )
         parser.add_argument("--trust_remote_code", action="store_true")
         ns = parser.parse_args(argv)
         from .adapters import merge_adapter
 
-        print(f"merged model written to {merge_adapter(ns.base, ns.adapter, ns.out, ns.trust_remote_code)}")
+        out = merge_adapter(ns.base, ns.adapter, ns.out, ns.trust_remote_code, overlap=ns.overlap)
+        print(f"merged model with {len(ns.adapter)} adapter(s) written to {out}")
         return
     parser.add_argument(
         "--out", required=True, help="output file (scores JSON for profile, expert_cfg.json for select)"

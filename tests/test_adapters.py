@@ -163,3 +163,75 @@ def test_adapter_missing_a_selected_layer_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="lack model.layers.2.mlp.experts.down_proj"):
         load_adapter(fresh, path)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), build_tiny_model("deepseek_v2").parameters()))
+
+
+def task_adapter(path, picks, scale):
+    """An adapter of the deterministic tiny qwen3_moe whose selected experts were scaled by ``scale``."""
+    model = build_tiny_model("qwen3_moe")
+    apply_expert_config(model, ExpertConfig(picks))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith("esft_"):
+                param.mul_(scale)
+    save_adapter(model, path)
+    return {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+
+def test_several_disjoint_adapters_merge_into_one_model(tmp_path):
+    from esft_lightning.adapters import load_adapters
+
+    layer = find_moe_layers(build_tiny_model("qwen3_moe"))[0].index
+    a = task_adapter(tmp_path / "a", {layer: [1, 4]}, 2.0)
+    b = task_adapter(tmp_path / "b", {layer: [6]}, -3.0)
+    merged = build_tiny_model("qwen3_moe")
+    configs = load_adapters(merged, [tmp_path / "a", tmp_path / "b"])
+    assert [c.experts for c in configs] == [{layer: [1, 4]}, {layer: [6]}]
+    key = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+    fused, base = merged.state_dict()[key], build_tiny_model("qwen3_moe").state_dict()[key]
+    torch.testing.assert_close(fused[[1, 4]], a[key][[1, 4]], rtol=0, atol=0)  # task A's experts
+    torch.testing.assert_close(fused[6], b[key][6], rtol=0, atol=0)  # task B's expert
+    others = [e for e in range(fused.shape[0]) if e not in (1, 4, 6)]
+    torch.testing.assert_close(fused[others], base[others], rtol=0, atol=0)  # every other expert untouched
+
+
+def test_overlapping_adapters_are_refused_by_name_unless_a_policy_is_given(tmp_path):
+    from esft_lightning.adapters import load_adapters
+
+    layer = find_moe_layers(build_tiny_model("qwen3_moe"))[0].index
+    a = task_adapter(tmp_path / "a", {layer: [1, 4]}, 2.0)
+    b = task_adapter(tmp_path / "b", {layer: [4, 6]}, -3.0)
+    model = build_tiny_model("qwen3_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"layer {layer} experts \[4\] \(adapters .*a, .*b\)") as err:
+        load_adapters(model, [tmp_path / "a", tmp_path / "b"])
+    assert "overlap='first'" in str(err.value)
+    for k, v in model.state_dict().items():  # nothing was written
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    key = f"model.layers.{layer}.mlp.experts.down_proj"
+    first = build_tiny_model("qwen3_moe")
+    load_adapters(first, [tmp_path / "a", tmp_path / "b"], overlap="first")
+    torch.testing.assert_close(first.state_dict()[key][4], a[key][4], rtol=0, atol=0)
+    torch.testing.assert_close(first.state_dict()[key][6], b[key][6], rtol=0, atol=0)
+    average = build_tiny_model("qwen3_moe")
+    load_adapters(average, [tmp_path / "a", tmp_path / "b"], overlap="average")
+    torch.testing.assert_close(average.state_dict()[key][4], (a[key][4] + b[key][4]) / 2)
+
+
+def test_esft_merge_command_takes_several_adapters(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from esft_lightning.cli import main
+
+    build_tiny_model("qwen3_moe").save_pretrained(tmp_path / "base")
+    layer = find_moe_layers(build_tiny_model("qwen3_moe"))[0].index
+    a = task_adapter(tmp_path / "a", {layer: [1]}, 2.0)
+    b = task_adapter(tmp_path / "b", {layer: [1, 2]}, 5.0)
+    args = ["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "a"), "--adapter"]
+    with pytest.raises(ValueError, match="adapters overlap"):
+        main([*args, str(tmp_path / "b"), "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+    main([*args, str(tmp_path / "b"), "--out", str(tmp_path / "merged"), "--overlap", "first"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    key = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+    torch.testing.assert_close(merged[key][1], a[key][1])
+    torch.testing.assert_close(merged[key][2], b[key][2])
