@@ -115,11 +115,11 @@ def pretrain(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        recent.append(float(output.loss - model.router_aux_loss_coef * output.aux_loss))
+        recent.append(float((output.loss - model.router_aux_loss_coef * output.aux_loss).detach()))
         elapsed = time.perf_counter() - started
         if done % log_every == 0 or done == steps:
             lm = sum(recent) / len(recent)
-            print(f"step {done}/{steps} loss {lm:.3f} aux {float(output.aux_loss):.3f} {elapsed:.0f}s", flush=True)
+            print(f"step {done}/{steps} loss {lm:.3f} aux {float(output.aux_loss.detach()):.3f} {elapsed:.0f}s", flush=True)
             recent = []
         if max_minutes is not None and elapsed > 60 * max_minutes:
             print(f"stopping at step {done}: wall-clock budget of {max_minutes} minutes spent", flush=True)
