@@ -1,4 +1,4 @@
-"""RoutingDriftCallback: how far training moved routing (Jensen-Shannon divergence of token scores), task and general."""
+"""RoutingDriftCallback: how far training moved routing (JS divergence of token scores) on task and general data."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def layer_drift(before: dict[int, torch.Tensor], after: dict[int, torch.Tensor])
     return {layer: js_divergence(before[layer], after[layer]) for layer in before}
 
 
-def general_dataloader(datamodule: L.LightningDataModule, batch_size: int | None = None, shard: bool = True) -> DataLoader:
+def general_dataloader(
+    datamodule: L.LightningDataModule, batch_size: int | None = None, shard: bool = True
+) -> DataLoader:
     """The general-data training sequences (no task data) in a fixed order, like ``task_dataloader``."""
     from esft_lightning.data import SequenceDataset
 

@@ -46,7 +46,9 @@ class TaskEvalCallback(L.Callback):
         self.eval_sets: list[dict[str, str]] = []
         for i, spec in enumerate(eval_sets):
             if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
-                raise ValueError(f"TaskEvalCallback eval_sets[{i}] needs a 'path' (and optionally a 'name'), got {spec!r}")
+                raise ValueError(
+                    f"TaskEvalCallback eval_sets[{i}] needs a 'path' (and optionally a 'name'), got {spec!r}"
+                )
             self.eval_sets.append({"path": spec["path"], "name": spec.get("name") or Path(spec["path"]).stem})
         names = [s["name"] for s in self.eval_sets]
         if len(set(names)) != len(names):

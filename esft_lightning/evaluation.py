@@ -53,7 +53,9 @@ def _sample(record: Any, where: str) -> EvalSample:
         if isinstance(answers, str):
             answers = [answers]
         if not isinstance(record["prompt"], str) or not answers or not all(isinstance(a, str) for a in answers):
-            raise ValueError(f"{where}: an eval record needs a string 'prompt' and a non-empty list of string 'answers'")
+            raise ValueError(
+                f"{where}: an eval record needs a string 'prompt' and a non-empty list of string 'answers'"
+            )
         return {"prompt": record["prompt"], "answers": list(answers)}
     if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
         messages = record["messages"]
@@ -92,7 +94,9 @@ def generate(
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
+            encoded = [
+                bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]
+            ]
             width = max(len(ids) for ids in encoded)
             ids_BT = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
             mask_BT = torch.zeros_like(ids_BT)

@@ -92,7 +92,12 @@ _SUBSTITUTION = "".join(random.Random(7).sample(string.ascii_lowercase, 26))
 
 def intent(rng: random.Random) -> tuple[str, str]:
     """NEW task: a smart-home request to a JSON object with its intent and slots."""
-    action, device, room, when = rng.choice(list(_ACTIONS)), rng.choice(_DEVICES), rng.choice(_ROOMS), rng.choice(_TIMES)
+    action, device, room, when = (
+        rng.choice(list(_ACTIONS)),
+        rng.choice(_DEVICES),
+        rng.choice(_ROOMS),
+        rng.choice(_TIMES),
+    )
     request = rng.choice(_REQUESTS).format(a=action, d=device, r=room, t=when)
     answer = {"intent": _ACTIONS[action], "device": device, "room": room, "time": when}
     return f"To JSON: {request}", json.dumps(answer)

@@ -8,10 +8,10 @@ import json
 import lightning as L
 import pytest
 import torch
+from esft_lightning.callbacks import ExpertSelectionCallback, TaskEvalCallback
 from lightning.pytorch.loggers import CSVLogger
 
 from esft_lightning import ESFTDataModule, ESFTModule
-from esft_lightning.callbacks import ExpertSelectionCallback, TaskEvalCallback
 from esft_lightning.data import Source
 from esft_lightning.evaluation import ExactMatch, evaluate_set, exact_match, generate, load_eval_set, score
 from esft_lightning.models import build_tiny_model
@@ -67,9 +67,14 @@ def test_batched_left_padded_generation_equals_one_by_one():
 
 def test_task_eval_callback_logs_before_and_after_a_one_step_fit(tmp_path):
     task = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
-    evals = write_jsonl(tmp_path / "intent.jsonl", [{"prompt": f"User: question {i}\n\nAssistant:", "answers": [f"answer {i}"]} for i in range(3)])
+    evals = write_jsonl(
+        tmp_path / "intent.jsonl",
+        [{"prompt": f"User: question {i}\n\nAssistant:", "answers": [f"answer {i}"]} for i in range(3)],
+    )
     dm = ESFTDataModule(task=[Source(str(task))], seq_length=32, batch_size=2, general_ratio=0)
-    callback = TaskEvalCallback(eval_sets=[{"path": str(evals), "name": "intent"}, {"path": str(task)}], max_new_tokens=3, max_samples=2)
+    callback = TaskEvalCallback(
+        eval_sets=[{"path": str(evals), "name": "intent"}, {"path": str(task)}], max_new_tokens=3, max_samples=2
+    )
     logger = CSVLogger(tmp_path, name="logs")
     trainer = L.Trainer(
         max_steps=1,

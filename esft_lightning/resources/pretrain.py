@@ -119,7 +119,10 @@ def pretrain(
         elapsed = time.perf_counter() - started
         if done % log_every == 0 or done == steps:
             lm = sum(recent) / len(recent)
-            print(f"step {done}/{steps} loss {lm:.3f} aux {float(output.aux_loss.detach()):.3f} {elapsed:.0f}s", flush=True)
+            print(
+                f"step {done}/{steps} loss {lm:.3f} aux {float(output.aux_loss.detach()):.3f} {elapsed:.0f}s",
+                flush=True,
+            )
             recent = []
         if max_minutes is not None and elapsed > 60 * max_minutes:
             print(f"stopping at step {done}: wall-clock budget of {max_minutes} minutes spent", flush=True)
@@ -168,7 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(OUT), help="output folder ('' to skip saving)")
     ns = parser.parse_args(argv)
     pretrain(
-        ns.seed, ns.steps, ns.batch_size, ns.seq_length, ns.lr, ns.warmup, ns.max_minutes, Path(ns.out) if ns.out else None
+        ns.seed,
+        ns.steps,
+        ns.batch_size,
+        ns.seq_length,
+        ns.lr,
+        ns.warmup,
+        ns.max_minutes,
+        Path(ns.out) if ns.out else None,
     )
 
 
