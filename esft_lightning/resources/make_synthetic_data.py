@@ -1,8 +1,9 @@
 """Writes the synthetic fine-tuning and eval data shipped in `resources/synthetic/` (deterministic, seed 0).
 
 Run from anywhere: `python -m esft_lightning.resources.make_synthetic_data`. For each new task (intent, cipher):
-`<task>_train.jsonl` (ESFT chat records) and `<task>_eval.jsonl` (ESFT eval records); for the general domains
-the embedded model was pretrained on: `general_train.jsonl` (all six domains interleaved) and
+`<task>_train.jsonl` (600 ESFT chat records) and `<task>_eval.jsonl` (64 ESFT eval records); for the general
+domains the embedded model was pretrained on: `general_train.jsonl` (2,000 records, the six domains interleaved:
+about as many tokens as the intent file) and
 `general_eval.jsonl`. Training and eval records come from disjoint generator streams ("train", "eval"),
 and both differ from pretraining's stream ("pretrain").
 """
@@ -17,14 +18,16 @@ from ..synthetic import GENERAL_DOMAINS, TASK_DOMAINS, chat_records, eval_record
 OUT = Path(__file__).parent / "synthetic"
 
 
-def write_all(out: Path = OUT, seed: int = 0, n_train: int = 600, n_eval: int = 64) -> list[Path]:
+def write_all(
+    out: Path = OUT, seed: int = 0, n_train: int = 600, n_general: int = 2000, n_eval: int = 64
+) -> list[Path]:
     """Write every file; return their paths."""
     written = []
     for task in TASK_DOMAINS:
         written.append(write_jsonl(out / f"{task}_train.jsonl", chat_records(task, n_train, seed)))
         written.append(write_jsonl(out / f"{task}_eval.jsonl", eval_records(task, n_eval, seed)))
     general = list(GENERAL_DOMAINS)
-    written.append(write_jsonl(out / "general_train.jsonl", mixed_records(general, n_train, seed)))
+    written.append(write_jsonl(out / "general_train.jsonl", mixed_records(general, n_general, seed)))
     written.append(write_jsonl(out / "general_eval.jsonl", mixed_records(general, n_eval, seed, "eval", "eval")))
     return written
 
