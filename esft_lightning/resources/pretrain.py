@@ -153,6 +153,8 @@ def pretrain(
         def fill(folder: Path) -> None:
             model.save_pretrained(folder)
             (folder / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
+            for file in folder.iterdir():
+                file.chmod(0o644)  # shipped files: readable by everyone (some writers make 0600 files)
 
         atomic_write_dir(out, fill)
         print(f"saved to {out}", flush=True)
