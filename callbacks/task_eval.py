@@ -15,7 +15,8 @@ from esft_lightning.files import atomic_write_text
 
 
 class TaskEvalCallback(L.Callback):
-    """Task metrics from greedy generation, at fit start (step 0) and at the end of every validation.
+    """Task metrics from greedy generation, at fit start (step 0), at the end of every validation in fit, and
+    when training ends after the last validation.
 
     Logs ``eval/<name>/<metric>`` (exact_match, chrf, bleu, rougeL) through the trainer's loggers (so a
     CSVLogger puts them in metrics.csv, at the current global step) and writes every evaluation's scores
@@ -68,7 +69,12 @@ class TaskEvalCallback(L.Callback):
         self.evaluate(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Training can stop between validations (max_steps mid-interval): still score the final model.
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
