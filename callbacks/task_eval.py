@@ -100,8 +100,8 @@ class TaskEvalCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append(entry)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank asks
         if trainer.is_global_zero:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
             atomic_write_text(folder / self.filename, json.dumps({"evaluations": self.history}, indent=1))
             summary = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "exact" in k)
             rank_zero_info(f"ESFT task eval at step {trainer.global_step}: {summary}")
