@@ -106,3 +106,42 @@ def test_task_eval_callback_rejects_bad_eval_sets(tmp_path):
         TaskEvalCallback(eval_sets=[])
     with pytest.raises(ValueError, match="distinct"):
         TaskEvalCallback(eval_sets=[{"path": "a/x.jsonl"}, {"path": "b/x.jsonl"}])
+
+
+def test_task_eval_callback_scores_the_final_model_without_validation(tmp_path):
+    task = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
+    dm = ESFTDataModule(task=[Source(str(task))], seq_length=32, batch_size=2, general_ratio=0)
+    callback = TaskEvalCallback(eval_sets=[{"path": str(task), "name": "qa"}], max_new_tokens=2, max_samples=2)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[ExpertSelectionCallback(max_tokens=256, plot=False, save_adapter=False), callback],
+    )
+    trainer.fit(ESFTModule(family="qwen3_moe"), dm)
+    assert [e["step"] for e in callback.history] == [0, 2]
+
+
+def test_esft_eval_applies_an_adapter(tmp_path):
+    from esft_lightning.adapters import save_adapter
+    from esft_lightning.cli import main
+    from esft_lightning.experts import apply_expert_config
+    from esft_lightning.resources import synthetic_data_path
+    from esft_lightning.selection import ExpertConfig
+
+    model = ESFTModule(model="embedded").build_model()
+    apply_expert_config(model, ExpertConfig(experts={layer: list(range(32)) for layer in range(4)}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()  # a destroyed adapter: its predictions must differ from the base model's
+    save_adapter(model, tmp_path / "adapter")
+    args = ["eval", "--eval", f"general={synthetic_data_path('general_eval')}", "--max_samples", "4"]
+    main([*args, "--max_new_tokens", "6", "--out", str(tmp_path / "base.json")])
+    main([*args, "--max_new_tokens", "6", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "ad.json")])
+    base, adapted = (json.loads((tmp_path / f).read_text())["sets"]["general"] for f in ("base.json", "ad.json"))
+    assert [p["prediction"] for p in base["predictions"]] != [p["prediction"] for p in adapted["predictions"]]
+    assert base["scores"]["chrf"] > adapted["scores"]["chrf"]
