@@ -8,8 +8,8 @@ machine (Python's ``random.Random`` is stable across platforms and versions for 
 - evaluation: ``{"prompt": "User: {prompt}\\n\\nAssistant:", "answers": [answer]}`` (the eval sets' format)
 
 General domains (``GENERAL_DOMAINS``) are what the embedded model is pretrained on; task domains
-(``TASK_DOMAINS``) never appear in pretraining: ``intent`` (a request to a JSON object) and ``cipher`` (a
-fixed letter substitution, unlike the shift cipher of the general ``caesar`` domain).
+(``TASK_DOMAINS``) never appear in pretraining: ``intent`` (a request to a JSON object), ``cipher`` (a fixed
+letter substitution, unlike the shift cipher of the general ``caesar`` domain) and ``upper`` (upper-casing).
 """
 
 from __future__ import annotations
@@ -109,7 +109,14 @@ def cipher(rng: random.Random) -> tuple[str, str]:
     return f"Substitute: {word}", _translate(word, dict(zip(string.ascii_lowercase, _SUBSTITUTION)))
 
 
-TASK_DOMAINS: dict[str, Domain] = {"intent": intent, "cipher": cipher}
+def upper(rng: random.Random) -> tuple[str, str]:
+    """NEW task: upper-case a phrase. Capital letters barely occur in pretraining, so their embeddings and LM-head
+    rows are nearly untrained: with those frozen (plain ESFT) it learns slowly; a case for ``non_expert_modules``."""
+    words = rng.sample(_WORDS, rng.randint(1, 3))
+    return f"Uppercase: {' '.join(words)}", " ".join(words).upper()
+
+
+TASK_DOMAINS: dict[str, Domain] = {"intent": intent, "cipher": cipher, "upper": upper}
 DOMAINS: dict[str, Domain] = {**GENERAL_DOMAINS, **TASK_DOMAINS}
 
 

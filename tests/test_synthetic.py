@@ -45,6 +45,8 @@ def test_new_tasks_parse_and_differ_from_pretraining_domains():
             assert substitution.setdefault(p, c) == c  # one fixed key
     shift3 = {p: chr((ord(p) - ord("a") + 3) % 26 + ord("a")) for p in substitution if p.isalpha()}
     assert sum(substitution[p] == c for p, c in shift3.items()) < len(shift3) // 2  # not the pretrained shift
+    for prompt, answer in synthetic.pairs("upper", 20):
+        assert answer == prompt.removeprefix("Uppercase: ").upper() and answer.isupper()
     assert set(synthetic.TASK_DOMAINS).isdisjoint(synthetic.GENERAL_DOMAINS)
 
 

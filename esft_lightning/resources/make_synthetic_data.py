@@ -1,6 +1,6 @@
 """Writes the synthetic fine-tuning and eval data shipped in `resources/synthetic/` (deterministic, seed 0).
 
-Run from anywhere: `python -m esft_lightning.resources.make_synthetic_data`. For each new task (intent, cipher):
+Run from anywhere: `python -m esft_lightning.resources.make_synthetic_data`. For each new task (intent, cipher, upper):
 `<task>_train.jsonl` (600 ESFT chat records) and `<task>_eval.jsonl` (64 ESFT eval records); for the general
 domains the embedded model was pretrained on: `general_train.jsonl` (2,000 records, the six domains interleaved:
 about as many tokens as the intent file) and
