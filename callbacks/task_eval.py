@@ -79,7 +79,7 @@ class TaskEvalCallback(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Run every eval set now; log and record the scores; return ``{eval/<name>/<metric>: value}``."""
-        model = getattr(pl_module, "model", None) or pl_module
+        model = pl_module.model if getattr(pl_module, "model", None) is not None else pl_module
         tokenizer = pl_module.tokenizer
         metrics: dict[str, float] = {}
         entry: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch, "sets": {}}

@@ -145,3 +145,12 @@ def test_esft_eval_applies_an_adapter(tmp_path):
     base, adapted = (json.loads((tmp_path / f).read_text())["sets"]["general"] for f in ("base.json", "ad.json"))
     assert [p["prediction"] for p in base["predictions"]] != [p["prediction"] for p in adapted["predictions"]]
     assert base["scores"]["chrf"] > adapted["scores"]["chrf"]
+
+
+def test_esft_eval_sets_load_and_their_json_answers_match_reformatted(esft_data):
+    samples = load_eval_set(esft_data / "eval" / "intent.jsonl", max_samples=20)
+    assert all(s["prompt"].endswith("Assistant:") for s in samples)
+    for s in samples:
+        compact = json.dumps(json.loads(s["answers"][0]), separators=(",", ":"), ensure_ascii=True)
+        assert compact != s["answers"][0] and exact_match(compact, s["answers"])
+    assert len(load_eval_set(esft_data / "eval" / "translation.jsonl", max_samples=3)) == 3
