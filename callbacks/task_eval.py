@@ -15,8 +15,8 @@ from esft_lightning.files import atomic_write_text
 
 
 class TaskEvalCallback(L.Callback):
-    """Task metrics from greedy generation, at fit start (step 0), at the end of every validation in fit, and
-    when training ends after the last validation.
+    """Task metrics from greedy generation, at fit start (step 0), at the end of every validation in fit, when
+    training ends after the last validation, and at the end of a test run (``esft test``).
 
     Logs ``eval/<name>/<metric>`` (exact_match, chrf, bleu, rougeL) through the trainer's loggers (so a
     CSVLogger puts them in metrics.csv, at the current global step) and writes every evaluation's scores
@@ -71,6 +71,9 @@ class TaskEvalCallback(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self.evaluate(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)  # `esft test` scores the tasks too
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Training can stop between validations (max_steps mid-interval): still score the final model.

@@ -121,8 +121,13 @@ def test_task_eval_callback_scores_the_final_model_without_validation(tmp_path):
         limit_val_batches=0,
         callbacks=[ExpertSelectionCallback(max_tokens=256, plot=False, save_adapter=False), callback],
     )
-    trainer.fit(ESFTModule(family="qwen3_moe"), dm)
+    module = ESFTModule(family="qwen3_moe")
+    trainer.fit(module, dm)
     assert [e["step"] for e in callback.history] == [0, 2]
+    trainer.test(module, dm)
+    assert [e["step"] for e in callback.history] == [0, 2, 2]
+    saved = json.loads((tmp_path / "logs" / "version_0" / "task_eval.json").read_text())
+    assert len(saved["evaluations"]) == 3
 
 
 def test_esft_eval_applies_an_adapter(tmp_path):
