@@ -6,6 +6,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from esft_lightning.routing import profile_routing
@@ -36,11 +37,16 @@ def general_dataloader(
 
     if not datamodule.train_sequences:
         datamodule.setup("fit")
-    general = getattr(datamodule, "general", [])
+    general = [s for s in getattr(datamodule, "general", []) if s.label in datamodule.train_sequences]
     if not general:
-        raise ValueError("RoutingDriftCallback: the datamodule has no general sources (data.general) to profile")
+        raise ValueError("no general data to profile: set data.general (with data.general_ratio > 0)")
     sequences = [seq for s in general for seq in datamodule.train_sequences[s.label]]
     return datamodule._loader(SequenceDataset(sequences), shuffle=False, batch_size=batch_size, shard=shard)
+
+
+def has_general_data(datamodule: L.LightningDataModule) -> bool:
+    """Whether the datamodule mixes in general data (sources given and ``general_ratio`` > 0)."""
+    return bool(getattr(datamodule, "general", None)) and getattr(datamodule, "general_ratio", 0) > 0
 
 
 class RoutingDriftCallback(L.Callback):
@@ -60,14 +66,18 @@ class RoutingDriftCallback(L.Callback):
         self.max_tokens, self.batch_size, self.general = max_tokens, batch_size, general
         self.reference: dict[str, dict[int, torch.Tensor]] = {}
         self.history: list[dict[str, float]] = []
+        self._warned = False
 
     def _profiles(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, dict[int, torch.Tensor]]:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "task_dataloader"):
             raise ValueError("RoutingDriftCallback needs an ESFTDataModule (task_dataloader)")
         loaders = {"task": dm.task_dataloader(self.batch_size)}
-        if self.general:
+        if self.general and has_general_data(dm):
             loaders["general"] = general_dataloader(dm, self.batch_size)
+        elif self.general and not self._warned:
+            rank_zero_warn("RoutingDriftCallback: no general data (data.general, general_ratio > 0): task drift only")
+            self._warned = True
         world = trainer.world_size
         budget = None if self.max_tokens is None else -(-self.max_tokens // world)
         model = pl_module.model

@@ -58,3 +58,23 @@ def test_drift_is_zero_when_nothing_changes_and_positive_after_training(tmp_path
     assert last["drift/task/js_layer0"] == 0.0 and last["drift/task/js_layer1"] > 1e-4
     logged = {k for r in rows for k, v in r.items() if v and k.startswith("drift/")}
     assert {"drift/task/js_mean", "drift/general/js_mean", "drift/task/js_layer0", "drift/general/js_layer1"} <= logged
+
+
+def test_drift_without_general_data_measures_the_task_only(tmp_path):
+    task = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
+    dm = ESFTDataModule(task=[Source(str(task))], seq_length=32, batch_size=4, general_ratio=0)
+    drift = RoutingDriftCallback(max_tokens=256)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        val_check_interval=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[ExpertSelectionCallback(max_tokens=256, plot=False, save_adapter=False), drift],
+    )
+    with pytest.warns(UserWarning, match="task drift only"):
+        trainer.fit(ESFTModule(family="qwen3_moe"), dm)
+    assert "drift/task/js_mean" in drift.history[-1] and not any("general" in k for k in drift.history[-1])
