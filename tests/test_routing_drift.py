@@ -68,6 +68,7 @@ def test_drift_without_general_data_measures_the_task_only(tmp_path):
         max_steps=1,
         accelerator="cpu",
         logger=False,
+        default_root_dir=tmp_path,
         enable_checkpointing=False,
         enable_progress_bar=False,
         val_check_interval=1,
