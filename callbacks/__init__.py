@@ -3,6 +3,8 @@
 from .expert_selection import ExpertSelectionCallback
 from .fault_guard import NonFiniteLossError, NonFiniteLossGuard
 from .progress import ESFTProgressBar, RichEpochProgressBar
+from .routing_drift import RoutingDriftCallback
+from .task_eval import TaskEvalCallback
 
 __all__ = [
     "ExpertSelectionCallback",
@@ -10,4 +12,6 @@ __all__ = [
     "NonFiniteLossError",
     "ESFTProgressBar",
     "RichEpochProgressBar",
+    "RoutingDriftCallback",
+    "TaskEvalCallback",
 ]

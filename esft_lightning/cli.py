@@ -1,4 +1,4 @@
-"""The `esft` command: LightningCLI (fit / validate / test) plus `profile`, `select` and `merge`."""
+"""The `esft` command: LightningCLI (fit / validate / test) plus `profile`, `select`, `merge` and `eval`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from .callbacks import ExpertSelectionCallback
 
-TOOLS = ("profile", "select", "merge")
+TOOLS = ("profile", "select", "merge", "eval")
 
 
 class ESFTCLI(LightningCLI):
@@ -58,6 +58,11 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> ESFTCLI:
 
 
 def _tool_main(command: str, argv: list[str]) -> None:
+    if command == "eval":
+        from .eval_command import eval_main
+
+        eval_main(argv)
+        return
     parser = argparse.ArgumentParser(prog=f"esft {command}")
     if command == "merge":
         parser.add_argument("--base", required=True, help="base model directory (save_pretrained layout)")

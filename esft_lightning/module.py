@@ -26,6 +26,7 @@ from .distributed import (
 )
 from .experts import apply_expert_config, dtype_from_name, is_trained_copy, trainable_summary
 from .models import build_tiny_model, enable_activation_checkpointing, get_family
+from .resources import EMBEDDED, pretrained_path
 from .selection import ExpertConfig
 from .sources import IGNORE_INDEX
 
@@ -34,8 +35,9 @@ class ESFTModule(L.LightningModule):
     """Causal-LM fine-tuning of an MoE model; which parameters train is decided by the expert selection.
 
     Args:
-        model: local directory of a Hugging Face MoE causal LM (``from_pretrained``). When unset, a
-            randomly initialised model of ``family`` is built from ``model_config`` (the embedded default).
+        model: local directory of a Hugging Face MoE causal LM (``from_pretrained``), or ``embedded``: the
+            shipped pretrained tiny MoE (``esft_lightning.resources.pretrained_path()``). When unset, a
+            randomly initialised model of ``family`` is built from ``model_config``.
         family: MoE family of the built model (``deepseek_v3``, ``deepseek_v2``, ``qwen3_moe``, ...).
         model_config: config overrides for the built model (hidden_size, num_hidden_layers, ...).
         tokenizer: tokenizer directory; defaults to ``model``'s, else the file-free byte tokenizer.
@@ -73,6 +75,8 @@ class ESFTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if model == EMBEDDED:
+            model = str(pretrained_path())
         self.model_path, self.family, self.model_config = model, family, dict(model_config or {})
         self.trust_remote_code, self.dtype_name, self.seed = trust_remote_code, dtype, seed
         self.experts_implementation = experts_implementation

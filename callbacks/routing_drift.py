@@ -1,0 +1,102 @@
+"""RoutingDriftCallback: how far training moved routing (JS divergence of token scores) on task and general data."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from esft_lightning.routing import profile_routing
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence (nats, 0 to ln 2) of two distributions over the same experts."""
+    p, q = p.double() / p.sum(), q.double() / q.sum()
+    m = (p + q) / 2
+
+    def kl(a: torch.Tensor) -> torch.Tensor:
+        nonzero = a > 0
+        return (a[nonzero] * (a[nonzero] / m[nonzero]).log()).sum()
+
+    return float(max(0.0, 0.5 * kl(p) + 0.5 * kl(q)))
+
+
+def layer_drift(before: dict[int, torch.Tensor], after: dict[int, torch.Tensor]) -> dict[int, float]:
+    """Per layer: JS divergence of ``after``'s scores from ``before``'s."""
+    return {layer: js_divergence(before[layer], after[layer]) for layer in before}
+
+
+def general_dataloader(
+    datamodule: L.LightningDataModule, batch_size: int | None = None, shard: bool = True
+) -> DataLoader:
+    """The general-data training sequences (no task data) in a fixed order, like ``task_dataloader``."""
+    from esft_lightning.data import SequenceDataset
+
+    if not datamodule.train_sequences:
+        datamodule.setup("fit")
+    general = [s for s in getattr(datamodule, "general", []) if s.label in datamodule.train_sequences]
+    if not general:
+        raise ValueError("no general data to profile: set data.general (with data.general_ratio > 0)")
+    sequences = [seq for s in general for seq in datamodule.train_sequences[s.label]]
+    return datamodule._loader(SequenceDataset(sequences), shuffle=False, batch_size=batch_size, shard=shard)
+
+
+def has_general_data(datamodule: L.LightningDataModule) -> bool:
+    """Whether the datamodule mixes in general data (sources given and ``general_ratio`` > 0)."""
+    return bool(getattr(datamodule, "general", None)) and getattr(datamodule, "general_ratio", 0) > 0
+
+
+class RoutingDriftCallback(L.Callback):
+    """Profiles token scores on task and general data at fit start, and at each validation end logs how far
+    the current scores drifted: ``drift/<data>/js_layer<l>`` per MoE layer and ``drift/<data>/js_mean``
+    (Jensen-Shannon divergence in nats, 0 = unchanged, ln 2 = disjoint) for ``<data>`` in task, general.
+
+    Args:
+        max_tokens: non-padding tokens profiled per data kind and evaluation (same sequences every time).
+        batch_size: profiling batch size (default: the datamodule's).
+        general: also measure on general data (needs ``data.general``).
+
+    Under several ranks every rank profiles its share and the sums are all-reduced (``profile_routing``).
+    """
+
+    def __init__(self, max_tokens: int | None = 8192, batch_size: int | None = None, general: bool = True) -> None:
+        self.max_tokens, self.batch_size, self.general = max_tokens, batch_size, general
+        self.reference: dict[str, dict[int, torch.Tensor]] = {}
+        self.history: list[dict[str, float]] = []
+        self._warned = False
+
+    def _profiles(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, dict[int, torch.Tensor]]:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "task_dataloader"):
+            raise ValueError("RoutingDriftCallback needs an ESFTDataModule (task_dataloader)")
+        loaders = {"task": dm.task_dataloader(self.batch_size)}
+        if self.general and has_general_data(dm):
+            loaders["general"] = general_dataloader(dm, self.batch_size)
+        elif self.general and not self._warned:
+            rank_zero_warn("RoutingDriftCallback: no general data (data.general, general_ratio > 0): task drift only")
+            self._warned = True
+        world = trainer.world_size
+        budget = None if self.max_tokens is None else -(-self.max_tokens // world)
+        model = pl_module.model
+        return {
+            kind: profile_routing(model, loader, max_tokens=budget, progress=False).token_scores
+            for kind, loader in loaders.items()
+        }
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.reference = self._profiles(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self.reference:
+            return
+        metrics: dict[str, float] = {}
+        for kind, scores in self._profiles(trainer, pl_module).items():
+            per_layer = layer_drift(self.reference[kind], scores)
+            metrics.update({f"drift/{kind}/js_layer{layer}": v for layer, v in per_layer.items()})
+            metrics[f"drift/{kind}/js_mean"] = sum(per_layer.values()) / len(per_layer) if per_layer else math.nan
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self.history.append({"step": trainer.global_step, **metrics})

@@ -1,0 +1,111 @@
+"""TaskEvalCallback: generate on eval sets before training and at every validation; log and save the scores."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from esft_lightning.evaluation import EvalSample, evaluate_set, load_eval_set
+from esft_lightning.files import atomic_write_text
+
+
+class TaskEvalCallback(L.Callback):
+    """Task metrics from greedy generation, at fit start (step 0), at the end of every validation in fit, when
+    training ends after the last validation, and at the end of a test run (``esft test``).
+
+    Logs ``eval/<name>/<metric>`` (exact_match, chrf, bleu, rougeL) through the trainer's loggers (so a
+    CSVLogger puts them in metrics.csv, at the current global step) and writes every evaluation's scores
+    and predictions to ``<log_dir>/task_eval.json`` (rewritten atomically after each evaluation).
+
+    Args:
+        eval_sets: ``[{"path": ..., "name": ...}]``: JSONL files in ESFT's eval format (``{"prompt",
+            "answers"}``) or the project's chat format (the last assistant turn is the reference).
+        max_new_tokens: generation length limit.
+        batch_size: prompts generated together (left-padded).
+        max_samples: first samples of each set to evaluate (None: all).
+        filename: the predictions file in the log dir.
+
+    Several ranks share the work: each generates its share of every set and the predictions are
+    all-gathered (see ``evaluate_set``); rank 0's loggers record the scores and rank 0 writes the file.
+    """
+
+    def __init__(
+        self,
+        eval_sets: list[dict[str, str]],
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+        max_samples: int | None = 64,
+        filename: str = "task_eval.json",
+    ) -> None:
+        if not eval_sets:
+            raise ValueError("TaskEvalCallback needs at least one eval set ({path, name})")
+        self.eval_sets: list[dict[str, str]] = []
+        for i, spec in enumerate(eval_sets):
+            if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+                raise ValueError(
+                    f"TaskEvalCallback eval_sets[{i}] needs a 'path' (and optionally a 'name'), got {spec!r}"
+                )
+            self.eval_sets.append({"path": spec["path"], "name": spec.get("name") or Path(spec["path"]).stem})
+        names = [s["name"] for s in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"TaskEvalCallback eval set names must be distinct, got {names}")
+        self.max_new_tokens, self.batch_size, self.max_samples = max_new_tokens, batch_size, max_samples
+        self.filename = filename
+        self.samples: dict[str, list[EvalSample]] = {}
+        self.history: list[dict[str, Any]] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Read (and validate) every set before any training step.
+        for spec in self.eval_sets:
+            if spec["name"] not in self.samples:
+                self.samples[spec["name"]] = load_eval_set(spec["path"], self.max_samples)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.evaluate(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)  # `esft test` scores the tasks too
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Training can stop between validations (max_steps mid-interval): still score the final model.
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Run every eval set now; log and record the scores; return ``{eval/<name>/<metric>: value}``."""
+        model = pl_module.model if getattr(pl_module, "model", None) is not None else pl_module
+        tokenizer = pl_module.tokenizer
+        metrics: dict[str, float] = {}
+        entry: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch, "sets": {}}
+        for spec in self.eval_sets:
+            started = time.perf_counter()
+            scores, records = evaluate_set(
+                model, tokenizer, self.samples[spec["name"]], self.max_new_tokens, self.batch_size
+            )
+            seconds = time.perf_counter() - started
+            metrics.update({f"eval/{spec['name']}/{k}": v for k, v in scores.items()})
+            entry["sets"][spec["name"]] = {
+                "path": spec["path"],
+                "scores": scores,
+                "seconds": round(seconds, 3),
+                "samples_per_sec": round(len(records) / max(seconds, 1e-9), 2),
+                "predictions": records,
+            }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self.history.append(entry)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank asks
+        if trainer.is_global_zero:
+            atomic_write_text(folder / self.filename, json.dumps({"evaluations": self.history}, indent=1))
+            summary = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "exact" in k)
+            rank_zero_info(f"ESFT task eval at step {trainer.global_step}: {summary}")
+        return metrics

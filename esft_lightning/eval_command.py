@@ -1,0 +1,77 @@
+"""`esft eval`: score a model (optionally with an ESFT adapter) on eval sets by greedy generation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_eval_set(spec: str) -> dict[str, str]:
+    """``name=path`` or ``path`` (named after the file) -> ``{"name", "path"}``."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec).stem, spec
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"--eval expects NAME=PATH or PATH, got {spec!r}")
+    return {"name": name, "path": path}
+
+
+def eval_main(argv: list[str]) -> dict:
+    """Parse ``argv``, evaluate, print one line per set, write ``--out`` (scores and predictions) if given."""
+    parser = argparse.ArgumentParser(prog="esft eval", description=__doc__)
+    parser.add_argument("--model", default="embedded", help="model directory, or 'embedded' (default)")
+    parser.add_argument("--adapter", default=None, help="ESFT adapter directory applied to the model first")
+    parser.add_argument(
+        "--eval",
+        dest="eval_sets",
+        action="append",
+        type=parse_eval_set,
+        required=True,
+        help="eval set NAME=PATH (JSONL: {prompt, answers} or chat records); repeatable",
+    )
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--out", default=None, help="JSON file for scores and predictions")
+    ns = parser.parse_args(argv)
+    from .evaluation import evaluate_set, load_eval_set
+    from .files import atomic_write_text
+    from .module import ESFTModule
+
+    samples = {s["name"]: load_eval_set(s["path"], ns.max_samples) for s in ns.eval_sets}  # fail before loading
+    module = ESFTModule(model=ns.model, dtype=ns.dtype, trust_remote_code=ns.trust_remote_code)
+    model = module.build_model()
+    if ns.adapter:
+        from .adapters import load_adapter
+
+        load_adapter(model, ns.adapter)
+    model.to(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    report = {"model": ns.model, "adapter": ns.adapter, "max_new_tokens": ns.max_new_tokens, "sets": {}}
+    for spec in ns.eval_sets:
+        started = time.perf_counter()
+        scores, records = evaluate_set(model, module.tokenizer, samples[spec["name"]], ns.max_new_tokens, ns.batch_size)
+        seconds = time.perf_counter() - started
+        rate = len(records) / max(seconds, 1e-9)
+        report["sets"][spec["name"]] = {
+            "path": spec["path"],
+            "scores": scores,
+            "samples_per_sec": rate,
+            "predictions": records,
+        }
+        print(
+            f"{spec['name']}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            + f" ({len(records)} samples, {rate:.1f} samples/s)",
+            flush=True,
+        )
+    if ns.out:
+        atomic_write_text(ns.out, json.dumps(report, indent=1))
+        print(f"scores and predictions written to {ns.out}")
+    return report

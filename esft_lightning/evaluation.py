@@ -1,0 +1,201 @@
+"""Task evaluation: load eval sets, generate greedily in batches (KV cache), score with torchmetrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.text import BLEUScore, CHRFScore, ROUGEScore
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ["EvalSample", "ExactMatch", "load_eval_set", "generate", "score", "exact_match", "evaluate_set"]
+
+EvalSample = dict[str, Any]  # {"prompt": str, "answers": list[str]}
+METRICS = ("exact_match", "chrf", "bleu", "rougeL")
+
+
+def load_eval_set(path: str | Path, max_samples: int | None = None) -> list[EvalSample]:
+    """Eval records from a JSONL file: ESFT's ``{"prompt", "answers"}`` or the project's chat records.
+
+    A chat record ``{"messages": [...]}`` becomes its conversation up to the last assistant turn in ESFT's
+    template (``User: ...\\n\\nAssistant:``), with that turn's content as the one reference answer.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval set {path} does not exist")
+    samples = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            samples.append(_sample(record, where))
+            if max_samples is not None and len(samples) >= max_samples:
+                break
+    if not samples:
+        raise ValueError(f"eval set {path} holds no records")
+    return samples
+
+
+def _sample(record: Any, where: str) -> EvalSample:
+    if isinstance(record, dict) and "prompt" in record:
+        answers = record.get("answers")
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(record["prompt"], str) or not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError(
+                f"{where}: an eval record needs a string 'prompt' and a non-empty list of string 'answers'"
+            )
+        return {"prompt": record["prompt"], "answers": list(answers)}
+    if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
+        messages = record["messages"]
+        last = messages[-1]
+        if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+            raise ValueError(f"{where}: a chat eval record must end with an assistant message (the reference)")
+        prompt = ""
+        for i, m in enumerate(messages[:-1]):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: message {i} must be an object with a string 'content'")
+            content = m["content"].strip()
+            prompt += f"User: {content}\n\nAssistant:" if m.get("role") == "user" else f" {content}\n\n"
+        return {"prompt": prompt, "answers": [last["content"].strip()]}
+    raise ValueError(f"{where}: record needs 'prompt' and 'answers' (ESFT eval format) or 'messages' (chat format)")
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    synced_gpus: bool = False,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (BOS prepended, left padding, KV cache), stopped at EOS, stripped.
+
+    ``synced_gpus``: keep generating until every rank is done (needed when ranks share weights, e.g. FSDP).
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("generation needs a tokenizer with a pad token (batches are left-padded)")
+    device = next(model.parameters()).device
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            encoded = [
+                bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]
+            ]
+            width = max(len(ids) for ids in encoded)
+            ids_BT = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask_BT = torch.zeros_like(ids_BT)
+            for row, ids in enumerate(encoded):
+                ids_BT[row, width - len(ids) :] = torch.tensor(ids)
+                mask_BT[row, width - len(ids) :] = 1
+            new_BN = model.generate(
+                input_ids=ids_BT.to(device),
+                attention_mask=mask_BT.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced_gpus,
+            )[:, width:]
+            outputs.extend(t.strip() for t in tokenizer.batch_decode(new_BN.cpu(), skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def _normalised(text: str) -> Any:
+    """Parsed JSON when ``text`` is a JSON object or array (so key order and spacing do not matter), else text."""
+    text = text.strip()
+    if text[:1] in "{[":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    """True when ``prediction`` equals an answer: as parsed JSON when both parse, else as stripped text."""
+    guess = _normalised(prediction)
+    return any(guess == _normalised(answer) for answer in answers)
+
+
+class ExactMatch(Metric):
+    """Share of predictions that equal one of their reference answers (JSON compared parsed, see ``exact_match``)."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], target: Sequence[Sequence[str]]) -> None:
+        if len(preds) != len(target):
+            raise ValueError(f"ExactMatch got {len(preds)} predictions for {len(target)} reference lists")
+        self.correct += sum(exact_match(p, answers) for p, answers in zip(preds, target))
+        self.total += len(preds)
+
+    def compute(self) -> torch.Tensor:
+        return self.correct / self.total.clamp(min=1)
+
+
+def score(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
+    """exact_match, chrf, bleu (4-gram, smoothed) and rougeL (F-measure) of ``predictions`` against ``answers``."""
+    preds, target = list(predictions), [list(a) for a in answers]
+    rouge = ROUGEScore(rouge_keys=("rougeL",))(preds, target)["rougeL_fmeasure"]
+    return {
+        "exact_match": float(ExactMatch()(preds, target)),
+        "chrf": float(CHRFScore()(preds, target)),
+        "bleu": float(BLEUScore(n_gram=4, smooth=True)(preds, target)),
+        "rougeL": float(rouge),
+    }
+
+
+def evaluate_set(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: Sequence[EvalSample],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Generate on ``samples`` and score them; returns (scores, per-sample records).
+
+    Under torch.distributed each rank generates every world_size-th sample (shards padded to equal length,
+    so ranks that share weights run the same number of forwards) and the predictions are all-gathered:
+    every rank returns the same scores and records.
+    """
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+    per_rank = -(-len(samples) // world)
+    mine = [(i % len(samples)) for i in range(rank, per_rank * world, world)]
+    local = generate(model, tokenizer, [samples[i]["prompt"] for i in mine], max_new_tokens, batch_size, world > 1)
+    pairs = list(zip(mine, local))
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, pairs)
+        pairs = [p for part in gathered for p in part]
+    prediction = dict(pairs)  # padding duplicates map to the same sample
+    predictions = [prediction[i] for i in range(len(samples))]
+    answers = [s["answers"] for s in samples]
+    records = [
+        {"prompt": s["prompt"], "answers": s["answers"], "prediction": p, "exact_match": exact_match(p, s["answers"])}
+        for s, p in zip(samples, predictions)
+    ]
+    return score(predictions, answers), records
