@@ -1,6 +1,6 @@
 """The ESFT paper in miniature: routing concentration, task overlap and fine-tuning methods compared, on CPU.
 
-    python benchmarks/replicate_paper.py            # about 20-30 minutes on 2 CPU cores; writes docs/replication/
+    python benchmarks/replicate_paper.py            # about 18 minutes on 2 CPU cores; writes docs/replication/
     python benchmarks/replicate_paper.py --quick    # the same tables from a few steps (a few minutes), for CI
 
 On the shipped pretrained tiny MoE (esft_lightning/resources/pretrained, pretrained on six general synthetic

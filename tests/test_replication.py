@@ -19,7 +19,7 @@ def test_quick_replication_writes_the_table_plots_and_results(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     lines = (tmp_path / "table.md").read_text().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:3] == ["method", "intent EM / chrF", "cipher EM / chrF"] and len(header) == 10
+    assert header[:3] == ["method", "intent EM / chrF", "cipher EM / chrF"] and len(header) == 9
     methods = [line.split("|")[1].strip() for line in lines[2:]]
     assert [m.split(" ")[0] for m in methods] == [
         "pretrained",
