@@ -37,8 +37,9 @@ class ESFTModule(L.LightningModule):
     Args:
         model: local directory of a Hugging Face MoE causal LM (``from_pretrained``), or ``embedded``: the
             shipped pretrained tiny MoE (``esft_lightning.resources.pretrained_path()``). When unset, a
-            randomly initialised model of ``family`` is built from ``model_config``.
-        family: MoE family of the built model (``deepseek_v3``, ``deepseek_v2``, ``qwen3_moe``, ...).
+            randomly initialised model of ``family`` is built from ``model_config``; with neither ``model`` nor
+            ``family``, the embedded model is the default.
+        family: MoE family of a randomly initialised model (``deepseek_v3``, ``qwen3_moe``, ``gpt_oss``, ...).
         model_config: config overrides for the built model (hidden_size, num_hidden_layers, ...).
         tokenizer: tokenizer directory; defaults to ``model``'s, else the file-free byte tokenizer.
         trust_remote_code: allow custom modeling code from the model directory (off by default).
@@ -59,7 +60,7 @@ class ESFTModule(L.LightningModule):
     def __init__(
         self,
         model: str | None = None,
-        family: str = "deepseek_v3",
+        family: str | None = None,
         model_config: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         trust_remote_code: bool = False,
@@ -75,7 +76,7 @@ class ESFTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        if model == EMBEDDED:
+        if model == EMBEDDED or (model is None and family is None):
             model = str(pretrained_path())
         self.model_path, self.family, self.model_config = model, family, dict(model_config or {})
         self.trust_remote_code, self.dtype_name, self.seed = trust_remote_code, dtype, seed

@@ -52,6 +52,8 @@ def test_embedded_model_loads_offline_and_beats_a_random_init_on_general_data():
 def test_random_builds_are_unchanged_by_the_embedded_default():
     module = ESFTModule(family="qwen3_moe", model_config={"num_experts": 8})
     assert module.model_path is None and module.build_model().config.num_experts == 8
+    default = ESFTModule()  # neither a model nor a family: the embedded pretrained model
+    assert default.model_path == str(pretrained_path()) and default.build_model().config.model_type == FAMILY
 
 
 def test_pretraining_is_reproducible_from_the_seed(tmp_path):

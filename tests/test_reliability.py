@@ -119,7 +119,7 @@ def test_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one(tmp_p
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", fails_on_third)
-    module = ESFTModule(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    module = ESFTModule(family="deepseek_v3", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     with pytest.raises(WriteError, match=r"could not write .*step=4\.ckpt: No space left on device; the previous"):
         small_fit(module, tmp_path, 6, plugins=[AtomicCheckpointIO()])
     folder = log_dirs_of(tmp_path)[-1] / "checkpoints"
