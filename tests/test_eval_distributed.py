@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from .conftest import REPO, chat, write_jsonl
-from .test_fsdp import fsdp_fit
+from .test_fsdp import two_process_fit
 
 pytestmark = pytest.mark.slow  # two processes; CI runs it too
 
@@ -50,7 +50,7 @@ def test_task_eval_and_drift_under_two_fsdp_ranks(tmp_path):
     }
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    fsdp_fit(config, REPO)
+    two_process_fit(config, REPO)
     run = sorted((tmp_path / "run" / "lightning_logs").glob("version_*"))[-1]
     saved = json.loads((run / "task_eval.json").read_text())
     assert [e["step"] for e in saved["evaluations"]] == [0, 2]
