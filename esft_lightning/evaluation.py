@@ -14,6 +14,8 @@ from torchmetrics import Metric
 from torchmetrics.text import BLEUScore, CHRFScore, ROUGEScore
 from transformers import PreTrainedTokenizerBase
 
+from .templates import esft_prompt_text
+
 __all__ = ["EvalSample", "ExactMatch", "load_eval_set", "generate", "score", "exact_match", "evaluate_set"]
 
 EvalSample = dict[str, Any]  # {"prompt": str, "answers": list[str]}
@@ -62,12 +64,8 @@ def _sample(record: Any, where: str) -> EvalSample:
         last = messages[-1]
         if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
             raise ValueError(f"{where}: a chat eval record must end with an assistant message (the reference)")
-        prompt = ""
-        for i, m in enumerate(messages[:-1]):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: message {i} must be an object with a string 'content'")
-            content = m["content"].strip()
-            prompt += f"User: {content}\n\nAssistant:" if m.get("role") == "user" else f" {content}\n\n"
+        # Rendered exactly as training renders it (earlier replies end in EOS there, which text cannot hold).
+        prompt = esft_prompt_text(messages[:-1], where) if len(messages) > 1 else ""
         return {"prompt": prompt, "answers": [last["content"].strip()]}
     raise ValueError(f"{where}: record needs 'prompt' and 'answers' (ESFT eval format) or 'messages' (chat format)")
 

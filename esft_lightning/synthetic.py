@@ -20,6 +20,8 @@ import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .templates import esft_prompt_text
+
 Domain = Callable[[random.Random], tuple[str, str]]
 
 _NOUNS = ["cat", "river", "robot", "garden", "train", "lamp", "teacher", "market", "bird", "window", "boat", "child"]
@@ -154,7 +156,7 @@ def chat_record(prompt: str, answer: str) -> dict:
 
 def eval_record(prompt: str, answer: str) -> dict:
     """An ESFT eval record: the prompt in the chat template up to the reply, the reference answers."""
-    return {"prompt": f"User: {prompt}\n\nAssistant:", "answers": [answer]}
+    return {"prompt": esft_prompt_text([{"role": "user", "content": prompt}]), "answers": [answer]}
 
 
 def chat_records(domain: str, n: int, seed: int = 0, split: str = "train") -> list[dict]:
@@ -185,4 +187,4 @@ def write_jsonl(path: str | Path, records: list[dict]) -> Path:
 
 def chat_text(prompt: str, answer: str) -> str:
     """The chat template as one string (without BOS/EOS): what pretraining reads."""
-    return f"User: {prompt}\n\nAssistant: {answer}"
+    return esft_prompt_text([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])

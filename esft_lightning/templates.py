@@ -140,6 +140,16 @@ def _esft_segments(record: dict[str, Any], where: str) -> list[tuple[str, bool, 
     return segments
 
 
+def esft_prompt_text(messages: Sequence[dict[str, Any]], where: str = "record") -> str:
+    """ESFT's template of ``messages`` as text (no BOS/EOS), e.g. the prompt a reply is generated after.
+
+    The same rendering as training uses; messages are validated the same way (``DataError`` naming ``where``).
+    """
+    record = {"messages": list(messages)}
+    _check_record(record, where)
+    return "".join(text for text, _, _ in _esft_segments(record, where))
+
+
 def _assemble(
     segments: list[tuple[str, bool, bool]], encoded: list[list[int]], tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[int], list[int]]:

@@ -159,3 +159,16 @@ def test_esft_eval_sets_load_and_their_json_answers_match_reformatted(esft_data)
         compact = json.dumps(json.loads(s["answers"][0]), separators=(",", ":"), ensure_ascii=True)
         assert compact != s["answers"][0] and exact_match(compact, s["answers"])
     assert len(load_eval_set(esft_data / "eval" / "translation.jsonl", max_samples=3)) == 3
+
+
+def test_chat_eval_records_render_their_prompt_as_training_does(tmp_path):
+    from esft_lightning.evaluation import load_eval_set
+
+    messages = [
+        {"role": "system", "content": " Be brief. "},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    assert load_eval_set(path) == [{"prompt": "Be brief.\n\nUser: 2+2?\n\nAssistant:", "answers": ["4"]}]
