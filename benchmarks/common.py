@@ -20,7 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from esft_lightning.models import build_tiny_model  # noqa: E402
+from esft_lightning.experts_forward import expert_param_names  # noqa: E402
+from esft_lightning.models import build_tiny_model, find_moe_layers  # noqa: E402
 
 # Sized so that compute (not Python overhead) dominates a step on a 2-core CPU, while a step stays
 # well under a second: hidden 256, 32 routed experts (top-4), 4 MoE layers.
@@ -106,6 +107,19 @@ def build_model(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
     model = build_tiny_model(family, vocab_size=VOCAB_SIZE, seed=seed, **{**config, **overrides})
     model.train()
     return model
+
+
+def expert_lora_targets(model: nn.Module) -> list[str]:
+    """PEFT ``target_parameters`` for the fused routed experts of every MoE layer (up and down projections)."""
+    experts = {id(layer.experts) for layer in find_moe_layers(model)}
+    return sorted(
+        {
+            ".".join([*name.split(".")[-2:], p])
+            for name, module in model.named_modules()
+            if id(module) in experts
+            for p in expert_param_names(module)[:2]
+        }
+    )
 
 
 def random_batches(

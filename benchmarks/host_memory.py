@@ -25,7 +25,6 @@ RANK_MODE = "--rank-mode"
 def rank_main(argv: list[str]) -> None:
     """One rank: baseline after imports, then `esft fit`, then the peak above the baseline."""
     import atexit
-    import resource
     import threading
     import time
 
@@ -34,17 +33,14 @@ def rank_main(argv: list[str]) -> None:
     import transformers  # noqa: F401
 
     from esft_lightning.cli import main
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
+    from esft_lightning.distributed import current_host_bytes, peak_host_bytes
 
     def anon() -> int:
         with open("/proc/self/status") as f:
             line = next(line for line in f if line.startswith("RssAnon:"))
         return int(line.split()[1]) * 1024
 
-    baseline, baseline_anon = rss(), anon()
+    baseline, baseline_anon = current_host_bytes(), anon()
     rank = os.environ.get("LOCAL_RANK", "0")
     peak_anon = [baseline_anon]
 
@@ -56,7 +52,7 @@ def rank_main(argv: list[str]) -> None:
     threading.Thread(target=sample, daemon=True).start()
 
     def report(when: str) -> None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_host_bytes()
         print(f"HOSTMEM {when} rank {rank} rss {peak - baseline} anon {peak_anon[0] - baseline_anon}", flush=True)
 
     # Loading = everything before the first training step (load, profile, select, shard, broadcast).

@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from esft_lightning.callbacks.routing_drift import js_divergence
+from common import expert_lora_targets
+from esft_lightning.callbacks.routing_drift import general_dataloader, js_divergence
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -35,7 +36,6 @@ from esft_lightning.adapters import load_adapters, save_adapter
 from esft_lightning.data import ESFTDataModule, Source
 from esft_lightning.evaluation import evaluate_set, load_eval_set
 from esft_lightning.experts import apply_expert_config
-from esft_lightning.experts_forward import expert_param_names
 from esft_lightning.models import find_moe_layers
 from esft_lightning.resources import pretrained_path
 from esft_lightning.routing import RoutingProfile, profile_routing
@@ -101,16 +101,8 @@ def profile(model: nn.Module, loader: torch.utils.data.DataLoader, max_tokens: i
 def add_lora(model: nn.Module) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    experts = {id(layer.experts) for layer in find_moe_layers(model)}
-    targets = sorted(
-        {
-            ".".join([*name.split(".")[-2:], p])
-            for name, module in model.named_modules()
-            if id(module) in experts
-            for p in expert_param_names(module)[:2]
-        }
-    )
     attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    targets = expert_lora_targets(model)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=attention, target_parameters=targets, lora_dropout=0.0)
     return get_peft_model(model, config)
 
@@ -173,12 +165,6 @@ def drift(model: nn.Module, before: RoutingProfile, loader: torch.utils.data.Dat
     return statistics.mean(js_divergence(before.token_scores[k], after.token_scores[k]) for k in before.token_scores)
 
 
-def general_loader(dm: ESFTDataModule) -> torch.utils.data.DataLoader:
-    from esft_lightning.callbacks.routing_drift import general_dataloader
-
-    return general_dataloader(dm)
-
-
 def run_task(task: str, args: argparse.Namespace, tmp: Path, results: list[dict]) -> dict:
     """Profile ``task`` and fine-tune it with every method and seed; returns the task's ESFT-Token adapters."""
     adapters = {}
@@ -187,7 +173,7 @@ def run_task(task: str, args: argparse.Namespace, tmp: Path, results: list[dict]
         dm, task_eval, general_eval = make_data(tmp / f"{task}-{seed}", task, args, seed)
         model = base_model()
         before_task = profile(model, dm.task_dataloader(), args.profile_tokens)
-        before_general = profile(model, general_loader(dm), args.profile_tokens)
+        before_general = profile(model, general_dataloader(dm), args.profile_tokens)
         token = select_experts(before_task.token_scores, top_p=0.2)
         gate = select_experts(before_task.gate_scores, top_p=0.1)
         if seed == 0:
@@ -222,18 +208,16 @@ def run_task(task: str, args: argparse.Namespace, tmp: Path, results: list[dict]
                 step_s=step_s,
                 stored_bytes=stored_bytes(method, model, folder),
                 drift_task=drift(model, before_task, dm.task_dataloader(), args.profile_tokens),
-                drift_general=drift(model, before_general, general_loader(dm), args.profile_tokens),
-                experts=None if method not in ("esft_token", "esft_gate", "random") else _count(model),
+                drift_general=drift(model, before_general, general_dataloader(dm), args.profile_tokens),
+                experts=None
+                if method not in ("esft_token", "esft_gate", "random")
+                else model.esft_expert_config.num_selected,
             )
             results.append(row)
             print(json.dumps(row), flush=True)
             if method == "esft_token" and seed == 0:
                 adapters[task] = (folder, task_eval)
     return adapters
-
-
-def _count(model: nn.Module) -> int:
-    return model.esft_expert_config.num_selected
 
 
 def run_merged(adapters: dict, general_eval: list, args: argparse.Namespace, results: list[dict]) -> str:

@@ -26,6 +26,7 @@ import torch
 from common import (
     MODEL_CONFIGS,
     VOCAB_SIZE,
+    expert_lora_targets,
     human_bytes,
     interleaved_times,
     load_line,
@@ -194,15 +195,7 @@ def add_gradient_masks(model: nn.Module, selection: dict[int, list[int]]) -> lis
 def add_lora(model: nn.Module, rank: int) -> tuple[nn.Module, str]:
     from peft import LoraConfig, get_peft_model
 
-    experts = {id(layer.experts): layer.experts for layer in find_moe_layers(model)}
-    targets = sorted(
-        {
-            ".".join([*name.split(".")[-2:], p])
-            for name, module in model.named_modules()
-            if id(module) in experts
-            for p in expert_param_names(module)[:2]
-        }
-    )
+    targets = expert_lora_targets(model)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[], target_parameters=targets)
     return get_peft_model(model, config), f"PEFT LoRA r={rank} on {', '.join(targets)} of every MoE layer"
 
