@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from esft_lightning.adapters import save_adapter
 from esft_lightning.distributed import is_fsdp2, save_pretrained_merged
-from esft_lightning.experts import apply_expert_config, dtype_from_name
+from esft_lightning.experts import apply_expert_config, dtype_from_name, stored_expert_dtypes
 from esft_lightning.files import atomic_write_text
 from esft_lightning.models import find_moe_layers
 from esft_lightning.placement import Placement, placed_for_profiling
@@ -127,7 +127,7 @@ class ExpertSelectionCallback(L.Callback):
         """The dtype of the trainable expert copies (``saved``: the choice recorded in a resumed checkpoint)."""
         name = self.trainable_dtype_name
         if name not in (None, "auto"):
-            return getattr(torch, name)
+            return dtype_from_name(name)
         if saved is not None:
             return dtype_from_name(saved)
         if name is None:
@@ -260,9 +260,8 @@ class ExpertSelectionCallback(L.Callback):
 
 def resolve_trainable_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """``trainable_dtype: auto``: fp32 trainable copies when the routed experts are stored in 16 bits."""
-    layers = find_moe_layers(model)
-    stored = next(layers[0].experts.parameters()).dtype
-    return torch.float32 if stored in (torch.bfloat16, torch.float16) else None
+    sixteen_bit = stored_expert_dtypes(find_moe_layers(model)) & {torch.bfloat16, torch.float16}
+    return torch.float32 if sixteen_bit else None
 
 
 def _checkpoint_esft_state(ckpt_path: str | None) -> dict | None:

@@ -56,8 +56,7 @@ def apply_expert_config(
     """
     layers = find_moe_layers(model)
     validate_expert_config(layers, config)
-    stored = {getattr(layer.experts, expert_param_names(layer.experts)[0]).dtype for layer in layers}
-    if stored == {trainable_dtype}:
+    if stored_expert_dtypes(layers) == {trainable_dtype}:
         trainable_dtype = None  # the experts' own dtype: nothing to convert
     if trainable_dtype is not None and (config.shared_experts or config.non_expert_modules):
         model_dtypes = {p.dtype for p in model.parameters()} - {trainable_dtype}
@@ -97,6 +96,11 @@ def apply_expert_config(
                 p.requires_grad_(True)
     model.esft_expert_config = config
     return trainable_summary(model)
+
+
+def stored_expert_dtypes(layers: list[MoELayer]) -> set[torch.dtype]:
+    """The dtypes the routed experts' fused tensors are stored in."""
+    return {getattr(layer.experts, expert_param_names(layer.experts)[0]).dtype for layer in layers}
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -135,10 +136,7 @@ class ESFTModule(L.LightningModule):
             get_family(model)
         else:
             overrides = {"vocab_size": len(self.tokenizer), **self.model_config}
-            if on_meta:
-                with torch.device("meta"):
-                    model = build_tiny_model(self.family, seed=self.seed, **extra, **overrides)
-            else:
+            with torch.device("meta") if on_meta else contextlib.nullcontext():
                 model = build_tiny_model(self.family, seed=self.seed, **extra, **overrides)
             model.to(self.param_dtype)
         if self.router_aux_loss_coef > 0:
