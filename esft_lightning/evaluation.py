@@ -11,12 +11,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchmetrics import Metric
-from torchmetrics.text import BLEUScore, CHRFScore, ROUGEScore
+from torchmetrics.functional.text import bleu_score
+from torchmetrics.text import CHRFScore, ROUGEScore
 from transformers import PreTrainedTokenizerBase
 
 from .templates import esft_prompt_text
 
-__all__ = ["EvalSample", "ExactMatch", "load_eval_set", "generate", "score", "exact_match", "evaluate_set"]
+__all__ = [
+    "EvalSample",
+    "ExactMatch",
+    "load_eval_set",
+    "generate",
+    "score",
+    "exact_match",
+    "sentence_bleu",
+    "evaluate_set",
+]
 
 EvalSample = dict[str, Any]  # {"prompt": str, "answers": list[str]}
 METRICS = ("exact_match", "chrf", "bleu", "rougeL")
@@ -155,14 +165,29 @@ class ExactMatch(Metric):
         return self.correct / self.total.clamp(min=1)
 
 
+def sentence_bleu(prediction: str, answers: Sequence[str], max_n_gram: int = 4) -> float:
+    """Smoothed BLEU of one prediction (whitespace tokens) up to ``max_n_gram``-grams, capped at the orders the
+    prediction and its longest reference have (a one-word answer is scored on unigrams): an exact match scores 1.
+
+    Why not corpus BLEU-4 (torchmetrics ``BLEUScore(n_gram=4, smooth=True)``): its score is 0 whenever no 4-gram
+    matches in the whole corpus, and torchmetrics returns that 0 before its smoothing (Lin & Och's add-one on the
+    2..n-gram precisions) applies, so eval sets of answers under 4 words (the quickstart's cipher and upper tasks)
+    always scored 0. Averaging over samples also weighs every sample alike, as exact match does. With the same
+    torchmetrics function a prediction sharing no n-gram of some order up to the cap still scores 0.
+    """
+    n_gram = max(1, min(max_n_gram, len(prediction.split()), max(len(a.split()) for a in answers)))
+    return float(bleu_score([prediction], [list(answers)], n_gram=n_gram, smooth=True))
+
+
 def score(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
-    """exact_match, chrf, bleu (4-gram, smoothed) and rougeL (F-measure) of ``predictions`` against ``answers``."""
+    """exact_match, chrf, bleu (sentence BLEU up to 4-grams, smoothed, averaged: see ``sentence_bleu``) and rougeL
+    (F-measure) of ``predictions`` against ``answers``."""
     preds, target = list(predictions), [list(a) for a in answers]
     rouge = ROUGEScore(rouge_keys=("rougeL",))(preds, target)["rougeL_fmeasure"]
     return {
         "exact_match": float(ExactMatch()(preds, target)),
         "chrf": float(CHRFScore()(preds, target)),
-        "bleu": float(BLEUScore(n_gram=4, smooth=True)(preds, target)),
+        "bleu": sum(sentence_bleu(p, a) for p, a in zip(preds, target)) / max(len(preds), 1),
         "rougeL": float(rouge),
     }
 

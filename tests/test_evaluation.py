@@ -8,12 +8,20 @@ import json
 import lightning as L
 import pytest
 import torch
-from esft_lightning.callbacks import ExpertSelectionCallback, TaskEvalCallback
 from lightning.pytorch.loggers import CSVLogger
 
 from esft_lightning import ESFTDataModule, ESFTModule
+from esft_lightning.callbacks import ExpertSelectionCallback, TaskEvalCallback
 from esft_lightning.data import Source
-from esft_lightning.evaluation import ExactMatch, evaluate_set, exact_match, generate, load_eval_set, score
+from esft_lightning.evaluation import (
+    ExactMatch,
+    evaluate_set,
+    exact_match,
+    generate,
+    load_eval_set,
+    score,
+    sentence_bleu,
+)
 from esft_lightning.models import build_tiny_model
 from esft_lightning.tokenizer import byte_tokenizer
 
@@ -41,6 +49,19 @@ def test_score_reports_every_metric_and_perfect_predictions_score_one():
     assert perfect["exact_match"] == 1.0 and perfect["rougeL"] == pytest.approx(1.0)
     wrong = score(["a dog", "{}"], answers)
     assert wrong["exact_match"] == 0.0 and wrong["chrf"] < perfect["chrf"] and wrong["rougeL"] < 0.5
+    # BLEU compares text (no JSON parsing): the respaced JSON answer scores 0, the sentence 1, averaged: 0.5.
+    assert perfect["bleu"] == pytest.approx(0.5) and wrong["bleu"] == 0.0
+
+
+def test_bleu_scores_short_answers():
+    # Corpus BLEU-4 (torchmetrics BLEUScore(n_gram=4, smooth=True)) was 0.0 here: no answer has a 4-gram.
+    answers = [["GRWW"], ["GRWW XKZ"]] * 5
+    assert score(["GRWW", "GRWW XKZ"] * 5, answers)["bleu"] == pytest.approx(1.0)
+    assert sentence_bleu("GRWW", ["GRWW"]) == 1.0 and sentence_bleu("XKZ GRWW", ["XKZ GRWW", "Q"]) == 1.0
+    assert 0 < sentence_bleu("GRWW", ["GRWW XKZ"]) < 1  # right word, too short: brevity penalty
+    assert sentence_bleu("GRWX", ["GRWW"]) == 0.0
+    cipher = score(["GRWW"] * 9 + ["GRWX"], [["GRWW"]] * 10)  # the quickstart's case: exact match 0.9
+    assert cipher["exact_match"] == pytest.approx(0.9) and cipher["bleu"] == pytest.approx(0.9)
 
 
 def test_load_eval_set_reads_both_formats_and_names_bad_lines(tmp_path):

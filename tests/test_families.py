@@ -170,11 +170,30 @@ def test_family_descriptions_discovered_or_refused_with_the_model_type():
         get_family("llama")
 
 
+def test_unknown_family_names_it_and_the_supported_ones():
+    # Was a raw KeyError('deepseek_v9') from transformers' CONFIG_MAPPING in tiny_config (ESFTModule(family=...)).
+    for build in (build_tiny_model, get_family):
+        with pytest.raises(ValueError, match="'deepseek_v9': not a causal-LM MoE family") as err:
+            build("deepseek_v9")
+        message = str(err.value)
+        assert isinstance(err.value, UnsupportedModelError)
+        assert "did you mean" in message and "'deepseek_v3'" in message.split("did you mean")[1].split("?")[0]
+        assert message.split("supported families: ")[1].split(" (see")[0].split(", ") == SUPPORTED  # not REFUSED
+
+
+def test_module_with_unknown_family_raises_a_clear_error():
+    from esft_lightning.module import ESFTModule
+
+    with pytest.raises(UnsupportedModelError, match="'deepseek_v9'.*did you mean.*'deepseek_v3'"):
+        ESFTModule(family="deepseek_v9").build_model()
+    with pytest.raises(UnsupportedModelError, match="llama4: esft-lightning cannot train"):  # refused: says why
+        build_tiny_model("llama4")
+
+
 @pytest.mark.parametrize("family", ["gpt_oss", "nemotron_h", "qwen3_next"])
 def test_new_layouts_train_one_step_in_lightning(family, tmp_path):
-    from esft_lightning.callbacks import ExpertSelectionCallback
-
     from esft_lightning import ESFTModule
+    from esft_lightning.callbacks import ExpertSelectionCallback
 
     from .test_cli import fit_one_step
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import sys
@@ -13,6 +14,7 @@ from torch import nn
 from . import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import MoEFamily, MoELayer, UnsupportedModelError
 from .discovery import LAYOUT_FLAGS, decoder_layers, discover_moe_layers, is_experts_module
+from .locate import find_moe_model
 from .overrides import REFUSED, TINY_FIXES
 from .tiny import shrink_config_dict
 
@@ -37,6 +39,7 @@ __all__ = [
     "decoder_layers",
     "enable_activation_checkpointing",
     "find_moe_layers",
+    "find_moe_model",
     "get_family",
     "is_experts_module",
     "tiny_config",
@@ -79,6 +82,17 @@ def _infer_scoring(config: Any) -> str | None:
     return None
 
 
+def _unknown_family_message(model_type: str) -> str:
+    """Why ``model_type`` is no family: the supported families of the installed transformers, close matches first."""
+    supported = [f for f in causal_lm_moe_families() if not (f in FAMILIES and FAMILIES[f].unsupported)]
+    close = difflib.get_close_matches(model_type, supported, n=3)
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    return (
+        f"Unsupported MoE architecture {model_type!r}: not a causal-LM MoE family of the installed transformers"
+        f"{hint}; supported families: {', '.join(supported)} (see docs/families.md)"
+    )
+
+
 def get_family(model_or_type: nn.Module | str) -> MoEFamily:
     """The family description of a model (or a ``model_type``); a clear error for unsupported ones.
 
@@ -93,11 +107,7 @@ def get_family(model_or_type: nn.Module | str) -> MoEFamily:
         )
     if isinstance(model_or_type, str):
         if family is None and model_type not in causal_lm_moe_families():
-            raise UnsupportedModelError(
-                f"Unsupported MoE architecture {model_type!r}: not a causal-LM MoE family of the installed "
-                "transformers (supported: MoE families with fused experts modules, e.g. deepseek_v3, mixtral, "
-                "qwen3_moe, gpt_oss: see docs/families.md)"
-            )
+            raise UnsupportedModelError(_unknown_family_message(model_type))
         return family or MoEFamily(model_type, discovered=True)
     if family is None:
         if not any(is_experts_module(m) for m in model_or_type.modules()):
@@ -129,7 +139,9 @@ def tiny_config(family: str, vocab_size: int = 320, **overrides: Any) -> Any:
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    description = FAMILIES.get(family) or MoEFamily(family)
+    description = get_family(family)  # an unknown family names the supported ones, a refused one says why
+    if family not in CONFIG_MAPPING:  # described here, but not in the installed transformers
+        raise UnsupportedModelError(_unknown_family_message(family))
     special = {"pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}  # the byte tokenizer's ids
     if description.tiny_config_is_complete:
         kwargs = {**description.tiny_config, "vocab_size": vocab_size, **special, **overrides}
