@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,13 +14,12 @@ from lightning.pytorch.cli import LightningCLI
 from .data import ESFTDataModule
 from .module import ESFTModule
 from .run_paths import derive_output_paths, resolve_ckpt_path
+from .selection_spec import SelectionSpec
 
 __all__ = ["ESFTCLI", "main", "make_cli", "resolve_ckpt_path"]
 
 if TYPE_CHECKING:
     import lightning as L
-
-    from .callbacks import ExpertSelectionCallback
 
 TOOLS = ("profile", "select", "merge", "eval")
 
@@ -35,14 +35,24 @@ class ESFTCLI(LightningCLI):
 
         add_progress_bar(config.trainer)  # no `Epoch 0/-2` under max_steps
 
-    def before_fit(self) -> None:
-        from .callbacks import ExpertSelectionCallback
+    def _pin_ckpt_path(self) -> None:
+        # Lightning tells hooks the checkpoint path only once it restores it, after setup and configure_model,
+        # where the expert selection is applied. Setting trainer.ckpt_path (Lightning's user-managed path) to the
+        # file `--ckpt_path` resolves to lets the selection come from that checkpoint, with no profiling.
+        kwargs = self.config_init[self.subcommand]
+        resolved = resolve_ckpt_path(self.trainer, kwargs["ckpt_path"]) if kwargs.get("ckpt_path") else None
+        if resolved is not None:
+            self.trainer.ckpt_path = resolved
+            kwargs["ckpt_path"] = None
 
-        ckpt = self.config.get("fit", self.config).get("ckpt_path")
-        resolved = resolve_ckpt_path(self.trainer, ckpt) if ckpt else None
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, ExpertSelectionCallback):
-                cb.resume_ckpt = resolved
+    def before_fit(self) -> None:
+        self._pin_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._pin_ckpt_path()
+
+    def before_test(self) -> None:
+        self._pin_ckpt_path()
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> ESFTCLI:
@@ -98,46 +108,62 @@ def _tool_main(command: str, argv: list[str]) -> None:
     ns, rest = parser.parse_known_args(argv)
     cli = make_cli(rest, run=False)
     from .files import atomic_write_text
+    from .models.loading import load_model, load_tokenizer, resolve_model_path
+    from .selection_spec import decide
 
-    model = cli.model.build_model()
-    cli.datamodule.tokenizer = cli.model.tokenizer
-    selector = configured_selector(cli.trainer, vars(ns))
+    args = cli.config.model
+    tokenizer = load_tokenizer(args.tokenizer, resolve_model_path(args.model, args.family), args.trust_remote_code)
+    model = load_model(
+        args.model,
+        args.family,
+        args.model_config,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        experts_implementation=args.experts_implementation,
+        seed=args.seed,
+        vocab_size=len(tokenizer),
+    )
+    cli.datamodule.tokenizer = tokenizer
+    spec, batch_size = configured_spec(cli.trainer, vars(ns))
     device = cli.trainer.strategy.root_device  # profile where training would run (the GPU when there is one)
-    config = selector.select(model, cli.datamodule.task_dataloader(selector.profile_batch_size), device=device)
+    decision = decide(model, cli.datamodule.task_dataloader(batch_size), spec, device=device)
     out = Path(ns.out)
     if command == "profile":
-        atomic_write_text(out, json.dumps(selector.profile.to_dict(), indent=1))
-        print(
-            f"scores of {len(selector.profile.token_scores)} layers over {selector.profile.num_tokens} tokens "
-            f"on {device} written to {out}"
-        )
+        profile = decision.profile
+        atomic_write_text(out, json.dumps(profile.to_dict(), indent=1))
+        layers, tokens = len(profile.token_scores), profile.num_tokens
+        print(f"scores of {layers} layers over {tokens} tokens on {device} written to {out}")
         return
-    config.save(out)
-    print(f"{config.num_selected} experts in {len(config.experts)} layers selected; config written to {out}")
+    decision.config.save(out)
+    print(
+        f"{decision.config.num_selected} experts in {len(decision.config.experts)} layers selected; "
+        f"config written to {out}"
+    )
 
 
-def configured_selector(trainer: L.Trainer, overrides: dict) -> ExpertSelectionCallback:
-    """The config's ExpertSelectionCallback (or a default one) with the command line's explicit settings."""
+def configured_spec(trainer: L.Trainer, overrides: dict) -> tuple[SelectionSpec, int | None]:
+    """The config's ExpertSelectionCallback settings (or the defaults) with the command line's explicit ones, as a
+    spec that always profiles; and the callback's profiling batch size."""
     from .callbacks import ExpertSelectionCallback
 
     found = next((cb for cb in trainer.callbacks if isinstance(cb, ExpertSelectionCallback)), None)
-    selector = found or ExpertSelectionCallback()
-    score_function = overrides.get("score_function") or selector.score_function
+    spec = found.spec if found is not None else SelectionSpec()
+    score_function = overrides.get("score_function") or spec.score_function
     if score_function not in ("token", "gate"):
         score_function = "token"  # all / none / random need no profile: `profile` and `select` score by tokens
     top_p = overrides.get("top_p")
-    if top_p is None:
-        top_p = (
-            selector.top_p if score_function == selector.score_function else (0.1 if score_function == "gate" else 0.2)
-        )
-    selector.score_function, selector.top_p = score_function, top_p
-    if overrides.get("max_tokens") is not None:
-        selector.max_tokens = overrides["max_tokens"]
-    for flag in ("shared_experts", "non_expert_modules"):
-        if overrides.get(flag):
-            selector.flags[flag] = True
-    selector.expert_config_path = None  # profile / select always profile
-    return selector
+    if top_p is None and score_function == spec.score_function:
+        top_p = spec.top_p  # else the new score function's own default
+    spec = replace(
+        spec,
+        score_function=score_function,
+        top_p=top_p,
+        max_tokens=spec.max_tokens if overrides.get("max_tokens") is None else overrides["max_tokens"],
+        shared_experts=spec.shared_experts or bool(overrides.get("shared_experts")),
+        non_expert_modules=spec.non_expert_modules or bool(overrides.get("non_expert_modules")),
+        expert_config=None,  # profile / select always profile
+    )
+    return spec, None if found is None else found.profile_batch_size
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -167,7 +167,8 @@ class ESFTDataModule(L.LightningDataModule):
                 val_ds = tokenize_source(source.val_path, tokenizer, self.cache_dir, self.template)
                 val_idx, train_idx = None, order
             else:
-                n_val = min(len(ds) - 1, max(1, math.ceil(self.val_fraction * len(ds)))) if len(ds) > 1 else 0
+                holds_out = len(ds) > 1 and self.val_fraction > 0  # val_fraction 0: every sample trains
+                n_val = min(len(ds) - 1, max(1, math.ceil(self.val_fraction * len(ds)))) if holds_out else 0
                 val_ds, val_idx, train_idx = ds, order[:n_val], order[n_val:]
             if len(train_idx) == 0:
                 raise ValueError(f"data source {source.path}: no training samples left after the validation split")

@@ -43,11 +43,12 @@ def eval_main(argv: list[str]) -> dict:
     ns = parser.parse_args(argv)
     from .evaluation import evaluate_set, load_eval_set
     from .files import atomic_write_text
-    from .module import ESFTModule
+    from .models.loading import load_model, load_tokenizer, resolve_model_path
 
     samples = {s["name"]: load_eval_set(s["path"], ns.max_samples) for s in ns.eval_sets}  # fail before loading
-    module = ESFTModule(model=ns.model, dtype=ns.dtype, trust_remote_code=ns.trust_remote_code)
-    model = module.build_model()
+    path = resolve_model_path(ns.model)
+    tokenizer = load_tokenizer(model_path=path, trust_remote_code=ns.trust_remote_code)
+    model = load_model(path, dtype=ns.dtype, trust_remote_code=ns.trust_remote_code)
     if ns.adapter:
         from .adapters import load_adapter
 
@@ -56,7 +57,7 @@ def eval_main(argv: list[str]) -> dict:
     report = {"model": ns.model, "adapter": ns.adapter, "max_new_tokens": ns.max_new_tokens, "sets": {}}
     for spec in ns.eval_sets:
         started = time.perf_counter()
-        scores, records = evaluate_set(model, module.tokenizer, samples[spec["name"]], ns.max_new_tokens, ns.batch_size)
+        scores, records = evaluate_set(model, tokenizer, samples[spec["name"]], ns.max_new_tokens, ns.batch_size)
         seconds = time.perf_counter() - started
         rate = len(records) / max(seconds, 1e-9)
         report["sets"][spec["name"]] = {

@@ -116,6 +116,12 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
     }
 
 
+def trained_copies_dtype(model: nn.Module) -> str | None:
+    """dtype of the selected experts' trainable copies (e.g. ``torch.float32``), None without any."""
+    first = next((p for n, p in model.named_parameters() if is_trained_copy(n)), None)
+    return None if first is None else str(first.dtype)
+
+
 def is_trained_copy(name: str) -> bool:
     """Whether a parameter name is one of the small trainable copies ``apply_expert_config`` adds."""
     return name.rsplit(".", 1)[-1].startswith(TRAINED_PREFIX)

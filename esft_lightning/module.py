@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,8 +12,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
-from transformers import PreTrainedTokenizerBase
 
+from .callbacks.expert_selection import prepare_for_sharding
 from .distributed import (
     allow_unused_experts_under_ddp,
     current_host_bytes,
@@ -25,11 +24,13 @@ from .distributed import (
     shard_model,
     training_memory_bytes,
 )
-from .experts import apply_expert_config, dtype_from_name, is_trained_copy, trainable_summary
-from .models import build_tiny_model, enable_activation_checkpointing, get_family
-from .resources import EMBEDDED, pretrained_path
+from .experts import is_trained_copy, trainable_summary, trained_copies_dtype
+from .models.loading import load_model, load_tokenizer, param_dtype, resolve_model_path
 from .selection import ExpertConfig
+from .selection_spec import restore
 from .sources import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 class ESFTModule(L.LightningModule):
@@ -77,15 +78,14 @@ class ESFTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        if model == EMBEDDED or (model is None and family is None):
-            model = str(pretrained_path())
+        model = resolve_model_path(model, family)
         self.model_path, self.family, self.model_config = model, family, dict(model_config or {})
         self.trust_remote_code, self.dtype_name, self.seed = trust_remote_code, dtype, seed
         self.experts_implementation = experts_implementation
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.router_aux_loss_coef, self.save_trainable_only = router_aux_loss_coef, save_trainable_only
         self.fsdp_bf16, self.activation_checkpointing = fsdp_bf16, activation_checkpointing
-        self.tokenizer = self._load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, model, trust_remote_code)
         self.model: nn.Module | None = None
         self.strict_loading = False  # small checkpoints hold only the trainable tensors
         self._step_started = 0.0
@@ -93,18 +93,8 @@ class ESFTModule(L.LightningModule):
         self.eval_loss = nn.ModuleDict()  # "val/<source>", "test/<source>" -> token-weighted MeanMetric
 
     # -- building --------------------------------------------------------------------------------
-    def _load_tokenizer(self, path: str | None) -> PreTrainedTokenizerBase:
-        source = path or (self.model_path if self.model_path and _has_tokenizer(self.model_path) else None)
-        if source:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(source, trust_remote_code=self.trust_remote_code)
-        from .tokenizer import byte_tokenizer
-
-        return byte_tokenizer()
-
     def build_model(self) -> nn.Module:
-        """Build (or load) the Hugging Face model once; later calls return the same model.
+        """Build (or load) the Hugging Face model once (``models.loading.load_model``); later calls return it.
 
         Under FSDP2 with several ranks only rank 0 reads the checkpoint (or initialises the weights); the
         other ranks build the same architecture on the meta device, and ``configure_model`` broadcasts rank
@@ -112,41 +102,21 @@ class ESFTModule(L.LightningModule):
         """
         if self.model is not None:
             return self.model
-        # CPU grouped_mm can hit denormals on rarely-used expert rows (one run measured 48x slower).
-        torch.set_flush_denormal(True)
         self._host_bytes_before_model = current_host_bytes()
-        extra = {} if self.experts_implementation is None else {"experts_implementation": self.experts_implementation}
-        on_meta = self.loads_on_rank0_only and self.global_rank != 0
-        if self.model_path:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            if not Path(self.model_path).is_dir():
-                raise FileNotFoundError(
-                    f"model directory {self.model_path!r} does not exist (models load from local directories only)"
-                )
-            dtype, remote = self.param_dtype, self.trust_remote_code
-            if on_meta:
-                config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=remote)
-                with torch.device("meta"):
-                    model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote, dtype=dtype, **extra)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(
-                    self.model_path, trust_remote_code=remote, dtype=dtype, **extra
-                )
-            get_family(model)
-        else:
-            overrides = {"vocab_size": len(self.tokenizer), **self.model_config}
-            with torch.device("meta") if on_meta else contextlib.nullcontext():
-                model = build_tiny_model(self.family, seed=self.seed, **extra, **overrides)
-            model.to(self.param_dtype)
-        if self.router_aux_loss_coef > 0:
-            model.config.router_aux_loss_coef = self.router_aux_loss_coef
-            if hasattr(model, "router_aux_loss_coef"):  # the CausalLM copies the coefficient at init
-                model.router_aux_loss_coef = self.router_aux_loss_coef
-        if self.activation_checkpointing:
-            enable_activation_checkpointing(model)
-        self.model = model
-        return model
+        self.model = load_model(
+            self.model_path,
+            self.family,
+            self.model_config,
+            dtype=self.param_dtype,
+            trust_remote_code=self.trust_remote_code,
+            experts_implementation=self.experts_implementation,
+            seed=self.seed,
+            vocab_size=len(self.tokenizer),
+            on_meta=self.loads_on_rank0_only and self.global_rank != 0,
+            router_aux_loss_coef=self.router_aux_loss_coef,
+            activation_checkpointing=self.activation_checkpointing,
+        )
+        return self.model
 
     @property
     def loads_on_rank0_only(self) -> bool:
@@ -157,22 +127,23 @@ class ESFTModule(L.LightningModule):
     @property
     def param_dtype(self) -> torch.dtype:
         """The dtype parameters are built or loaded in (``dtype``, with ``auto`` resolved)."""
-        if self.dtype_name != "auto":
-            return getattr(torch, self.dtype_name)
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+        return param_dtype(self.dtype_name)
 
     def setup(self, stage: str) -> None:
         allow_unused_experts_under_ddp(self.trainer.strategy)
 
     def configure_model(self) -> None:
-        """Build the model; under FSDP2 (ModelParallelStrategy) shard every decoder layer, then the rest.
+        """Build the model, apply the expert selection, and under FSDP2 (ModelParallelStrategy) shard every
+        decoder layer, then the rest.
 
-        Expert selection runs before this (in ExpertSelectionCallback.setup) on the unsharded model, so
-        frozen fused experts and the small trainable ones are sharded alike and stay parameters. With
-        several ranks, rank 0's tensors are then broadcast into every rank's shards (see ``build_model``).
+        The selection (``prepare_for_sharding``: the ExpertSelectionCallback's, or a loaded checkpoint's) comes
+        first, on the unsharded model, so frozen fused experts and the small trainable ones are sharded alike
+        and stay parameters. With several ranks, rank 0's tensors are then broadcast into every rank's shards
+        (see ``build_model``).
         """
         model = self.build_model()
+        if self._trainer is not None:  # (load_from_checkpoint calls this hook without a Trainer)
+            prepare_for_sharding(model, self._trainer)
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None or getattr(model, "_esft_sharded", False):
             return
@@ -182,10 +153,10 @@ class ESFTModule(L.LightningModule):
         local = sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
         full = sum(p.numel() * p.element_size() for p in model.parameters())
         above = peak_host_bytes() - getattr(self, "_host_bytes_before_model", 0)
-        print(
+        # Every rank's own numbers (rank_zero_info would show rank 0's only).
+        log.info(
             f"ESFT FSDP rank {self.global_rank}: parameter bytes {local} local of {full} ({local / full:.3f}); "
-            f"peak host memory above baseline {above} bytes ({above / full:.2f}x the model)",
-            flush=True,
+            f"peak host memory above baseline {above} bytes ({above / full:.2f}x the model)"
         )
 
     @property
@@ -239,7 +210,7 @@ class ESFTModule(L.LightningModule):
                 logger.log_metrics({f"memory/{k}": float(v) for k, v in memory.items()}, step=self.global_step)
             line = f"ESFT memory rank {self.global_rank}: " + ", ".join(f"{k} {v}" for k, v in memory.items())
             if self.trainer.world_size > 1:
-                print(line, flush=True)  # every rank's own shard sizes (rank_zero_info would show one)
+                log.info(line)  # every rank's own shard sizes (rank_zero_info would show one)
             else:
                 rank_zero_info(line)
             self._memory_reported = True
@@ -327,18 +298,11 @@ class ESFTModule(L.LightningModule):
         checkpoint["esft"] = {
             "model_type": self.model.config.model_type,
             "expert_config": None if config is None else config.to_dict(),
-            "trainable_dtype": self.trainable_copies_dtype,
+            "trainable_dtype": trained_copies_dtype(self.model),
         }
 
-    @property
-    def trainable_copies_dtype(self) -> str | None:
-        """dtype of the selected experts' trainable copies (e.g. ``torch.float32``), None without any."""
-        copies = (p for n, p in self.model.named_parameters() if is_trained_copy(n))
-        first = next(copies, None)
-        return None if first is None else str(first.dtype)
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the checkpoint fits this run; apply its expert selection if none is applied yet.
+        """Check the checkpoint fits this run; apply its expert selection if none is applied yet (``restore``).
 
         (validate / test / ``load_from_checkpoint`` and ``Trainer.fit(ckpt_path=...)`` without an
         ExpertSelectionCallback all get the checkpoint's selection here, before its tensors load.)
@@ -346,32 +310,7 @@ class ESFTModule(L.LightningModule):
         saved = checkpoint.get("esft")
         if saved is None:
             return
-        model = self.build_model()
-        model_type = model.config.model_type
-        if saved["model_type"] != model_type:
-            raise ValueError(f"checkpoint is for a {saved['model_type']} model, this run trains {model_type}")
-        current = self.expert_config
-        if saved["expert_config"] is not None and current is None:
-            if getattr(model, "_esft_sharded", False):
-                raise ValueError(
-                    "the model is already sharded without an expert selection: under FSDP pass the run's "
-                    "expert_cfg.json as ExpertSelectionCallback(expert_config=...), "
-                    "or resume with `esft fit --ckpt_path`"
-                )
-            dtype = dtype_from_name(saved.get("trainable_dtype"))
-            apply_expert_config(model, ExpertConfig.from_dict(saved["expert_config"], source="checkpoint"), dtype)
-        elif saved["expert_config"] is not None:
-            if ExpertConfig.from_dict(saved["expert_config"]).experts != current.experts:
-                raise ValueError(
-                    "checkpoint was trained with a different expert selection than this run's: resume with the "
-                    "checkpoint's expert_cfg.json (ExpertSelectionCallback(expert_config=...)) or start afresh"
-                )
-            saved_dtype = saved.get("trainable_dtype")
-            if saved_dtype is not None and saved_dtype != self.trainable_copies_dtype:
-                raise ValueError(
-                    f"checkpoint trained the selected experts in {saved_dtype}, this run in "
-                    f"{self.trainable_copies_dtype}: set ExpertSelectionCallback(trainable_dtype=...) to match"
-                )
+        restore(self.build_model(), saved)
         trainable = sorted(n for n, p in self.named_parameters() if p.requires_grad)
         # (FSDP strategies load the module state themselves and hand this hook a checkpoint without it.)
         small = self.save_trainable_only and saved["expert_config"] is not None and "state_dict" in checkpoint
@@ -381,8 +320,3 @@ class ESFTModule(L.LightningModule):
 
     def trainable_summary(self) -> dict[str, int]:
         return trainable_summary(self.model)
-
-
-def _has_tokenizer(path: str) -> bool:
-    p = Path(path)
-    return any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

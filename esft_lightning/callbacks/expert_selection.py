@@ -1,30 +1,47 @@
-"""ExpertSelectionCallback: profile routing on the task data when fit starts, select experts, freeze the rest."""
+"""ExpertSelectionCallback: profile routing when fit starts, select experts, freeze the rest; in any LightningModule."""
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from esft_lightning.adapters import save_adapter
-from esft_lightning.distributed import is_fsdp2, save_pretrained_merged
-from esft_lightning.experts import apply_expert_config, dtype_from_name, stored_expert_dtypes
+from esft_lightning.distributed import allow_unused_experts_under_ddp, is_fsdp2, save_pretrained_merged
+from esft_lightning.experts import trainable_summary
 from esft_lightning.files import atomic_write_text
-from esft_lightning.models import find_moe_layers
-from esft_lightning.placement import Placement, placed_for_profiling
+from esft_lightning.models import find_moe_model
+from esft_lightning.placement import Placement
 from esft_lightning.plots import routing_heatmap
-from esft_lightning.routing import RoutingProfile, profile_routing
-from esft_lightning.selection import ExpertConfig, all_experts, no_experts, random_experts, select_experts
+from esft_lightning.routing import RoutingProfile
+from esft_lightning.selection import ExpertConfig
+from esft_lightning.selection_spec import (
+    Decision,
+    ScoreFunction,
+    SelectionSpec,
+    apply,
+    decide,
+    read_checkpoint_selection,
+    restore,
+)
+from esft_lightning.sources import Source
 
-ScoreFunction = Literal["token", "gate", "all", "random", "none"]
+from .context import as_sources, moe_model, profiling_batches
 
 
 class ExpertSelectionCallback(L.Callback):
     """Decides which experts train, before the optimizer is built.
+
+    Works with any LightningModule that holds a Hugging Face MoE causal LM (found by structure; ``model_attr``
+    when it holds several), built in ``__init__`` or in ``configure_model``. A ``configure_model`` that shards the
+    model itself (``fully_shard``) calls ``esft_lightning.prepare_for_sharding(model, self.trainer)`` first.
 
     Args:
         score_function: ``token`` (ESFT-Token), ``gate`` (ESFT-Gate), or a baseline: ``all`` (every
@@ -48,6 +65,12 @@ class ExpertSelectionCallback(L.Callback):
         save_merged: also write the whole model, trained experts merged, as a ``save_pretrained`` directory to
             ``<log_dir>/merged`` when fit ends (under FSDP too: the shards are gathered to rank 0).
         plot: write a routing heatmap PNG to the log dir (and to the logger, if it takes images).
+        model_attr: the attribute (dotted path) of the LightningModule holding the model to fine-tune, when it
+            holds more than one MoE model.
+        profile_data: task data to profile when the datamodule has no ``task_dataloader()``: paths or sources,
+            read like ``ESFTDataModule``'s. Without it, the Trainer's train dataloader is profiled.
+        profile_seq_length: sequence length ``profile_data`` is packed to.
+        tokenizer: tokenizer (or its directory) for ``profile_data``; default the datamodule's, else the module's.
     """
 
     def __init__(
@@ -65,180 +88,135 @@ class ExpertSelectionCallback(L.Callback):
         save_merged: bool = False,
         plot: bool = True,
         placement: Placement = "auto",
+        model_attr: str | None = None,
+        profile_data: list[Source | str] | None = None,
+        profile_seq_length: int = 1024,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
     ) -> None:
-        if score_function not in ("token", "gate", "all", "random", "none"):
-            raise ValueError(f"score_function must be token, gate, all, random or none, got {score_function!r}")
-        if top_p is None:
-            top_p = 0.1 if score_function == "gate" else 0.2
-        self.score_function, self.top_p, self.max_tokens = score_function, top_p, max_tokens
-        self.expert_config_path, self.profile_batch_size, self.seed = expert_config, profile_batch_size, seed
-        self.flags = {"shared_experts": shared_experts, "non_expert_modules": non_expert_modules}
+        self.spec = SelectionSpec(
+            score_function=score_function,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            expert_config=expert_config,
+            shared_experts=shared_experts,
+            non_expert_modules=non_expert_modules,
+            trainable_dtype=trainable_dtype,
+            seed=seed,
+            placement=placement,
+        )
+        self.profile_batch_size, self.model_attr = profile_batch_size, model_attr
+        self.profile_data, self.profile_seq_length, self.tokenizer = (
+            as_sources(profile_data),
+            profile_seq_length,
+            tokenizer,
+        )
         self.write_adapter, self.write_merged, self.plot = save_adapter, save_merged, plot
-        if trainable_dtype not in (None, "auto") and not isinstance(getattr(torch, trainable_dtype, None), torch.dtype):
-            raise ValueError(
-                f"trainable_dtype must be auto or a torch dtype name such as float32, got {trainable_dtype!r}"
-            )
-        self.trainable_dtype_name, self.placement = trainable_dtype, placement
         self.profile: RoutingProfile | None = None
         self.config: ExpertConfig | None = None
-        self.resume_ckpt: str | None = None  # set by `esft fit --ckpt_path`: reuse that run's selection
 
     @property
-    def score_kind(self) -> str:
-        """Which profile scores drive the selection: gate for ESFT-Gate, token otherwise (random too)."""
-        return "gate" if self.score_function == "gate" else "token"
+    def top_p(self) -> float:
+        """The top-p in force (the paper's default for the score function when none was given)."""
+        return self.spec.p
 
-    # -- deciding ------------------------------------------------------------------------------------
-    def select(
-        self,
-        model: torch.nn.Module,
-        task_batches: Any,
-        world_size: int = 1,
-        device: torch.device | None = None,
-        all_reduce: bool | None = None,
-    ) -> ExpertConfig:
-        """Profile (when the score function needs it) and select; usable without a Trainer.
-
-        ``device``: where to profile (default: where the model is; see ``placement``). With ``world_size`` > 1
-        and ``all_reduce`` each rank profiles its share of ``max_tokens`` and the sums are all-reduced.
-        """
-        if self.expert_config_path:
-            return ExpertConfig.load(self.expert_config_path)
-        num_experts = {layer.index: layer.num_experts for layer in find_moe_layers(model)}
-        meta = {"score_function": self.score_function, "model_type": model.config.model_type}
-        if self.score_function == "all":
-            return all_experts(num_experts, **self.flags, meta=meta)
-        if self.score_function == "none":
-            return no_experts(num_experts, **self.flags, meta=meta)
-        budget = None if self.max_tokens is None else -(-self.max_tokens // world_size)
-        device = next(model.parameters()).device if device is None else device
-        with placed_for_profiling(model, device, self.placement, keep=False) as where:
-            self.profile = profile_routing(model, task_batches, max_tokens=budget, device=where, all_reduce=all_reduce)
-        kind = self.score_kind
-        meta["num_tokens"] = self.profile.num_tokens
-        config = select_experts(self.profile.scores(kind), self.top_p, **self.flags, meta=meta)
-        if self.score_function == "random":
-            config = random_experts(config, num_experts, seed=self.seed)
-        return config
-
-    def trainable_dtype(
-        self, model: torch.nn.Module, config: ExpertConfig, saved: str | None = None
-    ) -> torch.dtype | None:
-        """The dtype of the trainable expert copies (``saved``: the choice recorded in a resumed checkpoint)."""
-        name = self.trainable_dtype_name
-        if name not in (None, "auto"):
-            return dtype_from_name(name)
-        if saved is not None:
-            return dtype_from_name(saved)
-        if name is None:
-            return None
-        dtype = resolve_trainable_dtype(model)
-        if dtype is not None and (config.shared_experts or config.non_expert_modules):
-            rank_zero_warn(
-                "ESFT: shared_experts / non_expert_modules train the model's own 16-bit weights, so the selected "
-                "experts train in the model's dtype too (load the model in float32 to train everything in fp32)"
-            )
-            return None
-        return dtype
-
+    # -- applying, before the optimizer (and any sharding) sees the parameters ------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # `esft fit --ckpt_path last` resolves the path for us; Trainer.fit/validate/test(ckpt_path=...) set
-        # trainer.ckpt_path before the setup hooks run.
-        ckpt = self.resume_ckpt or trainer.ckpt_path
-        if stage != "fit":
-            self._setup_evaluation(pl_module, _checkpoint_esft_state(ckpt))
+        allow_unused_experts_under_ddp(trainer.strategy)
+        model = find_moe_model(pl_module, self.model_attr)
+        if model is not None:
+            self.prepare(trainer, pl_module, model)
             return
-        model = pl_module.build_model()
-        saved = _checkpoint_esft_state(ckpt)
-        resumed = None if saved is None or saved.get("expert_config") is None else saved["expert_config"]
-        if resumed is not None:
-            resumed = ExpertConfig.from_dict(resumed, source=str(ckpt))
-            if self.expert_config_path and ExpertConfig.load(self.expert_config_path).experts != resumed.experts:
-                raise ValueError(
-                    f"{self.expert_config_path} differs from the selection of the checkpoint being resumed"
-                )
-            config = resumed
+        if not _overrides_configure_model(pl_module):
+            moe_model(pl_module, self.model_attr)  # raises: no model now, and none will be built
+        # The model is built in configure_model, which runs after every setup hook and before the optimizer:
+        # apply the selection right after it (a configure_model that shards calls prepare_for_sharding first).
+        _after_configure_model(
+            pl_module, lambda: self.prepare(trainer, pl_module, moe_model(pl_module, self.model_attr))
+        )
+
+    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module) -> None:
+        """Apply the selection to ``model`` now: the resumed checkpoint's or the explicit config's, else (in fit)
+        profile and select. Idempotent: a model that already has this selection is left as it is."""
+        saved = read_checkpoint_selection(trainer.ckpt_path)  # a resumed run keeps its selection
+        had_selection = getattr(model, "esft_expert_config", None) is not None
+        config = restore(model, saved, self.spec)
+        if had_selection or trainer.state.fn != "fit":
+            return  # validate / test without a checkpoint selection: the model as it is
+        if config is not None and saved is not None and saved.get("expert_config") is not None:
             rank_zero_info("ESFT: resuming with the checkpoint's expert selection (no profiling)")
-        else:
-            config = self._decide(trainer, model)
-        dtype = self.trainable_dtype(model, config, None if saved is None else saved.get("trainable_dtype"))
-        summary = apply_expert_config(model, config, dtype)
+        if config is None:
+            decision = self._decide(trainer, pl_module, model)
+            self.profile, config = decision.profile, decision.config
+            apply(model, config, self.spec)
         self.config = config
-        self._report(trainer, pl_module, config, summary)
+        self._report(trainer, config, trainable_summary(model))
 
-    def _setup_evaluation(self, pl_module: L.LightningModule, saved: dict | None) -> None:
-        """validate / test: apply the explicit expert config, else the checkpoint's selection and trainable dtype,
-        now (before FSDP shards the model; ESFTModule.on_load_checkpoint would run after the sharding)."""
-        model = pl_module.build_model()
-        if getattr(model, "esft_expert_config", None) is not None:
-            return  # applied already (e.g. validate right after fit)
-        saved_config = None if saved is None else saved.get("expert_config")
-        if self.expert_config_path:
-            config = ExpertConfig.load(self.expert_config_path)
-        elif saved_config is not None:
-            config = ExpertConfig.from_dict(saved_config, source="checkpoint")
-        else:
-            return
-        recorded = None if saved is None else saved.get("trainable_dtype")
-        apply_expert_config(model, config, self.trainable_dtype(model, config, recorded))
-
-    def _decide(self, trainer: L.Trainer, model: torch.nn.Module) -> ExpertConfig:
+    def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module) -> Decision:
         """Profile and select. With several processes rank 0 profiles alone, on its training device (the
-        other ranks may hold only a meta-device model), and broadcasts the config to every rank."""
-        needs_data = self.score_function in ("token", "gate", "random") and not self.expert_config_path
-        dm = trainer.datamodule
-        if needs_data and (dm is None or not hasattr(dm, "task_dataloader")):
-            raise ValueError("ExpertSelectionCallback needs a datamodule with task_dataloader() to profile")
-        if needs_data:
-            dm.setup("fit")
+        other ranks may hold only a meta-device model), and broadcasts the decision to every rank."""
         device = trainer.strategy.root_device
+
+        def batches(shard: bool) -> Any:
+            if not self.spec.needs_data:
+                return None
+            return profiling_batches(
+                trainer,
+                pl_module,
+                "ExpertSelectionCallback",
+                self.profile_batch_size,
+                shard,
+                self.profile_data,
+                self.profile_seq_length,
+                self.tokenizer,
+            )
+
         if trainer.world_size <= 1:
-            batches = dm.task_dataloader(self.profile_batch_size) if needs_data else None
             # Single process: the model stays on the training device afterwards (training moves it anyway).
             if device.type != "cpu" and not is_fsdp2(trainer.strategy):
                 model.to(device)
-            return self.select(model, batches, device=device, all_reduce=False)
+            return decide(model, batches(True), self.spec, device=device, all_reduce=False)
         outcome: Any = None
         if trainer.is_global_zero:
             try:
-                batches = dm.task_dataloader(self.profile_batch_size, shard=False) if needs_data else None
-                outcome = self.select(model, batches, device=device, all_reduce=False)
+                outcome = decide(model, batches(False), self.spec, device=device, all_reduce=False)
             except Exception as error:  # every rank must leave the broadcast, then fail with rank 0's error
                 outcome = RuntimeError(f"rank 0 failed to select experts: {type(error).__name__}: {error}")
                 outcome.__cause__ = error
         outcome = trainer.strategy.broadcast(outcome, src=0)
         if isinstance(outcome, Exception):
             raise outcome
-        rank_zero_info(f"ESFT: rank 0 selected {outcome.num_selected} experts; broadcast to {trainer.world_size} ranks")
+        rank_zero_info(
+            f"ESFT: rank 0 selected {outcome.config.num_selected} experts; broadcast to {trainer.world_size} ranks"
+        )
         return outcome
 
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, config: ExpertConfig, summary: dict) -> None:
+    # -- reporting ---------------------------------------------------------------------------------
+    def _report(self, trainer: L.Trainer, config: ExpertConfig, summary: dict) -> None:
         share = summary["trainable_params"] / max(summary["total_params"], 1)
         rank_zero_info(
             f"ESFT: {summary['selected_experts']} experts selected in {len(config.experts)} layers; "
             f"{summary['trainable_params']:,} of {summary['total_params']:,} parameters trainable ({share:.2%})"
         )
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(
-                {
-                    "esft/selected_experts": summary["selected_experts"],
-                    "esft/trainable_params": summary["trainable_params"],
-                    "esft/trainable_share": share,
-                },
-                step=0,
-            )
         if trainer.logger is None:  # Lightning would fall back to default_root_dir (the cwd): write nothing
             rank_zero_warn("ESFT: the trainer has no logger, so no log directory: expert_cfg.json not written")
             return
+        trainer.logger.log_metrics(
+            {
+                "esft/selected_experts": summary["selected_experts"],
+                "esft/trainable_params": summary["trainable_params"],
+                "esft/trainable_share": share,
+            },
+            step=0,
+        )
         log_dir = trainer.log_dir  # a collective under several processes: every rank asks
         if not trainer.is_global_zero or log_dir is None:
             return
         log_dir = Path(log_dir)
         config.save(log_dir / "expert_cfg.json")
-        kind = self.score_kind
         if self.profile is not None:
             atomic_write_text(log_dir / "expert_scores.json", json.dumps(self.profile.to_dict(), indent=1))
             if self.plot:
+                kind = self.spec.score_kind
                 fig = routing_heatmap(
                     self.profile.scores(kind),
                     config,
@@ -248,33 +226,50 @@ class ExpertSelectionCallback(L.Callback):
                 _log_figure(trainer, fig)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = moe_model(pl_module, self.model_attr)
         if self.write_adapter and trainer.logger is None:
             rank_zero_warn("ESFT: the trainer has no logger, so no log directory: adapter not written")
         elif self.write_adapter and trainer.log_dir is not None:
-            path = save_adapter(pl_module.model, Path(trainer.log_dir) / "adapter")
+            path = save_adapter(model, Path(trainer.log_dir) / "adapter")
             rank_zero_info(f"ESFT: adapter written to {path}")
         if self.write_merged and trainer.logger is not None and trainer.log_dir is not None:
-            path = save_pretrained_merged(pl_module.model, Path(trainer.log_dir) / "merged")
+            path = save_pretrained_merged(model, Path(trainer.log_dir) / "merged")
             rank_zero_info(f"ESFT: merged model written to {path}")
 
 
-def resolve_trainable_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """``trainable_dtype: auto``: fp32 trainable copies when the routed experts are stored in 16 bits."""
-    sixteen_bit = stored_expert_dtypes(find_moe_layers(model)) & {torch.bfloat16, torch.float16}
-    return torch.float32 if sixteen_bit else None
+def prepare_for_sharding(model: nn.Module, trainer: L.Trainer) -> nn.Module:
+    """Apply the expert selection to ``model`` now; call it in your ``configure_model`` before ``fully_shard``.
+
+    Selecting experts replaces parameters (small trainable copies join the frozen fused tensors), so under FSDP2
+    it must happen before the model is sharded. Uses the Trainer's ``ExpertSelectionCallback`` (profiling on rank
+    0 and broadcasting in fit); without one, applies the selection of the checkpoint being loaded, if any.
+    Returns ``model``.
+    """
+    callback = next((cb for cb in trainer.callbacks if isinstance(cb, ExpertSelectionCallback)), None)
+    if callback is not None:
+        callback.prepare(trainer, trainer.lightning_module, model)
+    else:
+        restore(model, read_checkpoint_selection(trainer.ckpt_path))
+    return model
 
 
-def _checkpoint_esft_state(ckpt_path: str | None) -> dict | None:
-    """The ``esft`` entry (selection, trainable dtype) of a Lightning checkpoint file or distributed folder."""
-    if not ckpt_path or not Path(ckpt_path).exists():
-        return None
-    path = Path(ckpt_path)
-    if path.is_dir():  # Lightning's distributed checkpoints keep the non-tensor state in meta.pt
-        path = path / "meta.pt"
-        if not path.exists():
-            return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=path.suffix != ".pt")
-    return checkpoint.get("esft")
+def _overrides_configure_model(pl_module: L.LightningModule) -> bool:
+    return type(pl_module).configure_model is not L.LightningModule.configure_model
+
+
+def _after_configure_model(pl_module: L.LightningModule, then: Callable[[], None]) -> None:
+    """Run ``then`` right after the module's next ``configure_model`` (inside the strategy's init contexts)."""
+    original = pl_module.configure_model
+
+    @functools.wraps(original)
+    def configure_model() -> None:
+        try:
+            original()
+        finally:
+            del pl_module.configure_model  # back to the class's own method: a later fit wraps it afresh
+        then()
+
+    pl_module.configure_model = configure_model
 
 
 def _log_figure(trainer: L.Trainer, fig: Any) -> None:

@@ -1,0 +1,222 @@
+"""Deciding and restoring a selection without Lightning: SelectionSpec, decide (profile + select), restore.
+
+The callback, the CLI and ``ESFTModule`` all call these; none of them holds its own copy of the rules
+(the top-p default, which scores a score function uses, the trainable dtype, what a checkpoint's selection means).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .experts import apply_expert_config, dtype_from_name, stored_expert_dtypes, trained_copies_dtype
+from .models import find_moe_layers
+from .placement import Placement, placed_for_profiling
+from .routing import RoutingProfile, profile_routing
+from .selection import ExpertConfig, all_experts, no_experts, random_experts, select_experts
+
+__all__ = ["SCORE_FUNCTIONS", "Decision", "SelectionSpec", "decide", "read_checkpoint_selection", "restore"]
+
+ScoreFunction = Literal["token", "gate", "all", "random", "none"]
+SCORE_FUNCTIONS = ("token", "gate", "all", "random", "none")
+PAPER_TOP_P = {"gate": 0.1, "token": 0.2}  # the paper's p for ESFT-Gate and ESFT-Token (random copies token)
+
+
+@dataclass
+class SelectionSpec:
+    """How to choose the trained experts, and in which dtype they train."""
+
+    score_function: ScoreFunction = "token"
+    """``token`` (ESFT-Token), ``gate`` (ESFT-Gate), ``all`` (every routed expert), ``random`` (as many per layer
+    as ESFT-Token picks, drawn at random), ``none`` (routed experts frozen)."""
+    top_p: float | None = None
+    """Cumulative score each layer's selection must reach; None: the paper's 0.1 for gate, 0.2 otherwise."""
+    max_tokens: int | None = 131072
+    """Non-padding task tokens to profile (paper: 2^17); None: all."""
+    expert_config: str | None = None
+    """An existing ``expert_cfg.json``: applied as it is, no profiling."""
+    shared_experts: bool = False
+    """Also train shared experts."""
+    non_expert_modules: bool = False
+    """Also train attention, norms, routers, embeddings and the LM head."""
+    trainable_dtype: str | None = "auto"
+    """dtype of the selected experts' trainable copies; ``auto``: float32 when the experts are stored in 16 bits."""
+    seed: int = 0
+    """Seed of the ``random`` baseline."""
+    placement: Placement = "auto"
+    """Where profiling runs when the model is not on the device yet (see ``placement.placed_for_profiling``)."""
+
+    def __post_init__(self) -> None:
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"score_function must be one of {', '.join(SCORE_FUNCTIONS)}, got {self.score_function!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.trainable_dtype not in (None, "auto") and not isinstance(
+            getattr(torch, str(self.trainable_dtype), None), torch.dtype
+        ):
+            raise ValueError(
+                f"trainable_dtype must be auto or a torch dtype name such as float32, got {self.trainable_dtype!r}"
+            )
+
+    @property
+    def p(self) -> float:
+        """The top-p in force: ``top_p``, or the paper's default for the score function."""
+        return self.top_p if self.top_p is not None else PAPER_TOP_P.get(self.score_function, 0.2)
+
+    @property
+    def score_kind(self) -> str:
+        """Which profile scores drive the selection: ``gate`` for ESFT-Gate, ``token`` otherwise (random too)."""
+        return "gate" if self.score_function == "gate" else "token"
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether deciding profiles task data (no explicit config, and a score-based function)."""
+        return self.expert_config is None and self.score_function in ("token", "gate", "random")
+
+    @property
+    def flags(self) -> dict[str, bool]:
+        return {"shared_experts": self.shared_experts, "non_expert_modules": self.non_expert_modules}
+
+
+@dataclass
+class Decision:
+    """What ``decide`` chose, and the profile it chose from (None when nothing was profiled)."""
+
+    config: ExpertConfig
+    profile: RoutingProfile | None = None
+
+
+def decide(
+    model: nn.Module,
+    batches: Any,
+    spec: SelectionSpec,
+    device: torch.device | None = None,
+    world_size: int = 1,
+    all_reduce: bool | None = None,
+) -> Decision:
+    """Profile ``batches`` (when the spec needs it) and select experts; the model is left unchanged.
+
+    ``batches``: dicts with ``input_ids`` (and ``attention_mask``), or None when ``spec.needs_data`` is false.
+    ``device``: where to profile (default: where the model is). With ``world_size`` > 1 and ``all_reduce`` each
+    rank profiles its share of ``max_tokens`` and the sums are all-reduced.
+    """
+    if spec.expert_config:
+        return Decision(ExpertConfig.load(spec.expert_config))
+    num_experts = {layer.index: layer.num_experts for layer in find_moe_layers(model)}
+    meta = {"score_function": spec.score_function, "model_type": model.config.model_type}
+    if spec.score_function == "all":
+        return Decision(all_experts(num_experts, **spec.flags, meta=meta))
+    if spec.score_function == "none":
+        return Decision(no_experts(num_experts, **spec.flags, meta=meta))
+    if batches is None:
+        raise ValueError(f"score_function {spec.score_function!r} profiles task data, but no batches were given")
+    budget = None if spec.max_tokens is None else -(-spec.max_tokens // world_size)
+    device = next(model.parameters()).device if device is None else device
+    with placed_for_profiling(model, device, spec.placement, keep=False) as where:
+        profile = profile_routing(model, batches, max_tokens=budget, device=where, all_reduce=all_reduce)
+    meta["num_tokens"] = profile.num_tokens
+    config = select_experts(profile.scores(spec.score_kind), spec.p, **spec.flags, meta=meta)
+    if spec.score_function == "random":
+        config = random_experts(config, num_experts, seed=spec.seed)
+    return Decision(config, profile)
+
+
+def trainable_dtype(
+    model: nn.Module, config: ExpertConfig, spec: SelectionSpec, saved: str | None = None
+) -> torch.dtype | None:
+    """The dtype of the trainable expert copies: an explicit ``spec.trainable_dtype`` wins, then the one a resumed
+    checkpoint recorded (``saved``), then ``auto``: float32 when the routed experts are stored in 16 bits."""
+    name = spec.trainable_dtype
+    if name not in (None, "auto"):
+        return dtype_from_name(name)
+    if saved is not None:
+        return dtype_from_name(saved)
+    if name is None:
+        return None
+    sixteen_bit = stored_expert_dtypes(find_moe_layers(model)) & {torch.bfloat16, torch.float16}
+    if not sixteen_bit:
+        return None
+    if config.shared_experts or config.non_expert_modules:
+        warnings.warn(
+            "ESFT: shared_experts / non_expert_modules train the model's own 16-bit weights, so the selected "
+            "experts train in the model's dtype too (load the model in float32 to train everything in fp32)",
+            stacklevel=2,
+        )
+        return None
+    return torch.float32
+
+
+def apply(model: nn.Module, config: ExpertConfig, spec: SelectionSpec, saved_dtype: str | None = None) -> dict:
+    """``apply_expert_config`` with the spec's trainable dtype; returns the trainable summary."""
+    return apply_expert_config(model, config, trainable_dtype(model, config, spec, saved_dtype))
+
+
+def restore(model: nn.Module, saved: dict | None, spec: SelectionSpec | None = None) -> ExpertConfig | None:
+    """Apply a checkpoint's selection (or the spec's explicit ``expert_config``) to ``model``, or check that the
+    selection already applied is the same one; return the selection in force (None: nothing to restore).
+
+    ``saved``: the checkpoint's ``esft`` entry (``model_type``, ``expert_config``, ``trainable_dtype``; see
+    ``read_checkpoint_selection``). Raises ``ValueError`` naming the mismatch for a checkpoint of another model
+    type, another selection or another trainable dtype, and for a model already sharded without a selection
+    (the selection changes the parameters, so it must come before sharding).
+    """
+    spec = spec or SelectionSpec()
+    saved = saved or {}
+    model_type = model.config.model_type
+    if saved.get("model_type") not in (None, model_type):
+        raise ValueError(f"checkpoint is for a {saved['model_type']} model, this run trains {model_type}")
+    from_checkpoint = saved.get("expert_config")
+    target = None if from_checkpoint is None else ExpertConfig.from_dict(from_checkpoint, source="checkpoint")
+    if spec.expert_config:
+        explicit = ExpertConfig.load(spec.expert_config)
+        if target is not None and explicit.experts != target.experts:
+            raise ValueError(f"{spec.expert_config} differs from the selection of the checkpoint being resumed")
+        target = target or explicit
+    current: ExpertConfig | None = getattr(model, "esft_expert_config", None)
+    if target is None:
+        return current
+    saved_dtype = saved.get("trainable_dtype")
+    if current is not None:
+        if current.experts != target.experts:
+            raise ValueError(
+                "checkpoint was trained with a different expert selection than this run's: resume with the "
+                "checkpoint's expert_cfg.json (ExpertSelectionCallback(expert_config=...)) or start afresh"
+            )
+        if saved_dtype is not None and saved_dtype != trained_copies_dtype(model):
+            raise ValueError(
+                f"checkpoint trained the selected experts in {saved_dtype}, this run in "
+                f"{trained_copies_dtype(model)}: set ExpertSelectionCallback(trainable_dtype=...) to match"
+            )
+        return current
+    if _is_sharded(model):
+        raise ValueError(
+            "the model is already sharded without an expert selection: apply it before sharding "
+            "(call esft_lightning.prepare_for_sharding(model, trainer) before fully_shard, or pass the run's "
+            "expert_cfg.json as ExpertSelectionCallback(expert_config=...))"
+        )
+    apply(model, target, spec, saved_dtype)
+    return target
+
+
+def read_checkpoint_selection(ckpt_path: str | Path | None) -> dict | None:
+    """The ``esft`` entry (selection, trainable dtype) of a Lightning checkpoint file or distributed folder."""
+    if not ckpt_path or not Path(ckpt_path).exists():
+        return None
+    path = Path(ckpt_path)
+    if path.is_dir():  # Lightning's distributed checkpoints keep the non-tensor state in meta.pt
+        path = path / "meta.pt"
+        if not path.exists():
+            return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=path.suffix != ".pt")
+    return checkpoint.get("esft")
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
