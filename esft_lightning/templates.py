@@ -8,9 +8,11 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from .chat_spans import SpanError, encode_spans, reply_spans
+
 IGNORE_INDEX = -100
 Template = Literal["esft", "model"]
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool results: never trained
 # transformers marks the assistant's tokens through `{% generation %}` blocks in the template (the same test).
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -31,7 +33,9 @@ def tokenize_messages(
     ``User: {content}\\n\\nAssistant:`` (masked); each assistant turn `` {content}`` + EOS (trained unless the
     message has ``"mask": 1``); contents stripped; encoded without special tokens.
     ``model``: the tokenizer's own chat template; trained tokens are those inside its ``{% generation %}``
-    blocks (assistant replies), except replies with ``"mask": 1``.
+    blocks when it has them, else each assistant reply plus its end-of-turn marker found by rendering the chat
+    message by message (``chat_spans``; whitespace after the marker, e.g. ChatML's ``\\n``, is not trained).
+    Replies with ``"mask": 1`` and ``tool`` messages are never trained.
     """
     return encode_records([(where, {"messages": messages})], tokenizer, template)[0]
 
@@ -75,11 +79,13 @@ def check_template(tokenizer: PreTrainedTokenizerBase, template: Template) -> No
             f"data.template is 'model' but tokenizer {tokenizer.name_or_path!r} has no chat template: "
             "use template: esft, or a tokenizer whose tokenizer_config.json has a chat_template"
         )
-    if not _GENERATION_MARKER.search(chat_template):
+    if not _GENERATION_MARKER.search(chat_template) and not getattr(tokenizer, "is_fast", False):
+        # replies are located by character offsets (chat_spans), which only fast tokenizers report
         raise ValueError(
-            f"the chat template of tokenizer {tokenizer.name_or_path!r} has no {{% generation %}} markers, so the "
-            "assistant's tokens (the trained ones) cannot be told from the prompt: wrap each assistant reply of the "
-            "template in {% generation %}...{% endgeneration %} (see docs/design.md), or use template: esft"
+            f"the chat template of tokenizer {tokenizer.name_or_path!r} has no {{% generation %}} markers and the "
+            "tokenizer is not a fast one, so the assistant's tokens cannot be located by character offsets: use "
+            "its tokenizer.json (a fast tokenizer), wrap each assistant reply of the template in "
+            "{% generation %}...{% endgeneration %}, or use template: esft"
         )
 
 
@@ -129,12 +135,17 @@ def _esft_segments(record: dict[str, Any], where: str) -> list[tuple[str, bool, 
     if "messages" not in record:
         return [(record["text"], True, True)]  # plain text: BOS + text + EOS, all trained
     segments = []
-    for message in record["messages"]:
+    for i, message in enumerate(record["messages"]):
         role, content = message["role"], message["content"].strip()
         if role == "system":
             segments.append((f"{content}\n\n", False, False))
         elif role == "user":
             segments.append((f"User: {content}\n\nAssistant:", False, False))
+        elif role == "tool":
+            raise DataError(
+                f"{where}: message {i} is a 'tool' message, which ESFT's template has no place for: "
+                "use template: model (the tokenizer's chat template)"
+            )
         else:
             segments.append((f" {content}", True, message.get("mask", 0) != 1))
     return segments
@@ -169,6 +180,9 @@ def _model_encode(
     located: Sequence[tuple[str, dict[str, Any]]], tokenizer: PreTrainedTokenizerBase
 ) -> list[tuple[list[int], list[int]]]:
     conversations = [[{"role": m["role"], "content": m["content"]} for m in r["messages"]] for _, r in located]
+    if not _GENERATION_MARKER.search(model_chat_template(tokenizer) or ""):
+        return _rendered_encode(located, conversations, tokenizer)
+    # the template marks its replies itself: that wins over locating them by rendering
     try:
         out = tokenizer.apply_chat_template(
             conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -196,6 +210,25 @@ def _model_encode(
                     mask[start:end] = [0] * (end - start)
         pairs.append((list(ids), [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]))
     return pairs
+
+
+def _rendered_encode(
+    located: Sequence[tuple[str, dict[str, Any]]],
+    conversations: list[list[dict[str, str]]],
+    tokenizer: PreTrainedTokenizerBase,
+) -> list[tuple[list[int], list[int]]]:
+    """A template without generation markers: each trained reply located by incremental rendering (chat_spans)."""
+    texts, spans = [], []
+    for (where, record), conversation in zip(located, conversations):
+        trained = [m["role"] == "assistant" and m.get("mask", 0) != 1 for m in record["messages"]]
+        try:
+            text, text_spans = reply_spans(tokenizer, conversation, trained)
+        except SpanError as err:
+            raise DataError(f"{where}: {err}") from None
+        texts.append(text)
+        spans.append(text_spans)
+    encoded = encode_spans(tokenizer, texts, spans)
+    return [(ids, [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]) for ids, trained in encoded]
 
 
 def _runs(mask: list[int]) -> list[tuple[int, int]]:
