@@ -1,22 +1,22 @@
-"""Read one data source (ESFT chat JSONL, plain text JSONL or a `datasets` dir) and tokenize it, cached."""
+"""One data source (`Source`): its records (read by `readers`) tokenized with a template, cached on disk."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from .readers import check_columns, data_files, is_glob, read_records
 from .templates import IGNORE_INDEX, DataError, Template, check_template, encode_records, tokenize_messages
 
 __all__ = ["IGNORE_INDEX", "DataError", "Source", "tokenize_messages", "tokenize_source", "default_cache_dir"]
-TEMPLATE_VERSION = "esft-chat-v2"  # bump when the template or record handling changes: invalidates caches
+TEMPLATE_VERSION = "esft-chat-v3"  # bump when the template or record handling changes: invalidates caches
 
 
 @dataclass
@@ -24,53 +24,33 @@ class Source:
     """One dataset in a mixture."""
 
     path: str
-    """A JSONL file (ESFT `{"messages": [...]}` or `{"text": ...}` records) or a `datasets.save_to_disk` dir."""
+    """A `.jsonl` / `.json` (JSON lines or an array), `.parquet` or `.csv` file, a glob of them
+    (`data/train-*.parquet`) or a `datasets.save_to_disk` dir. Records are chats (`messages`: [{role, content,
+    mask}]), ShareGPT chats (`conversations`: [{from, value}]), `prompt` + `completion` pairs or `text`."""
     weight: float = 1.0
     """Relative share of this source within its group (task or general)."""
     name: str | None = None
     """Name used in logged metrics (`val/<name>/loss`); defaults to the file stem."""
     val_path: str | None = None
     """Explicit validation file; otherwise a seeded share of `path` is held out."""
+    columns: dict[str, str] | None = None
+    """Other field names read as the known ones, e.g. `{messages: dialog}` or `{prompt: question, completion:
+    answer}` (keys: messages, conversations, system, prompt, completion, text)."""
+
+    def __post_init__(self) -> None:
+        check_columns(self.columns, f"data source {self.path}: columns")
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path).stem
+        if self.name:
+            return self.name
+        if is_glob(self.path):  # data/train-*.parquet -> train, data/*.parquet -> data
+            return re.sub(r"[*?\[\]]", "", Path(self.path).stem).strip("-_. ") or Path(self.path).parent.name or "data"
+        return Path(self.path).stem
 
 
-def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(location, record) pairs; location is 'file:line' for JSONL, 'dir[row]' for datasets dirs."""
-    if path.is_dir():
-        try:
-            rows = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as err:
-            raise DataError(f"{path}: not a JSONL file or a datasets.save_to_disk directory ({err})") from None
-        if isinstance(rows, datasets.DatasetDict):
-            raise DataError(f"{path}: a DatasetDict ({list(rows)}); point data.path at one split's directory")
-        for i, row in enumerate(rows):
-            yield f"{path}[{i}]", row
-        return
-    if not path.exists():
-        raise FileNotFoundError(f"data source {path} does not exist")
-    with path.open("rb") as f:  # bytes, so a bad encoding is reported with its line
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                    "JSONL data must be UTF-8 encoded"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
-            except RecursionError:
-                raise DataError(f"{path}:{lineno}: malformed JSON (nested too deeply)") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield f"{path}:{lineno}", record
+# (location, normalized record) pairs of a path; kept under this name for the property tests.
+_records = read_records
 
 
 def tokenize_source(
@@ -78,24 +58,29 @@ def tokenize_source(
     tokenizer: PreTrainedTokenizerBase,
     cache_dir: str | os.PathLike | None = None,
     template: Template = "esft",
+    columns: dict[str, str] | None = None,
 ) -> datasets.Dataset:
-    """Tokenize every record of ``path`` with ``datasets.map``; cached on the file's content and tokenizer.
+    """Tokenize every record of ``path`` with ``datasets.map``; cached on the files' content and tokenizer.
 
-    Returns a dataset with ``input_ids`` and ``labels`` columns. A second call with the same file, tokenizer
-    and template memory-maps the cached Arrow file and skips reading and tokenizing. Bad records raise
-    ``DataError`` naming the file and line.
+    ``path`` is anything ``Source.path`` takes (a file, a glob, a ``datasets`` dir); ``columns`` as in
+    ``Source``. Returns a dataset with ``input_ids`` and ``labels`` columns. A second call with the same
+    files, columns, tokenizer and template memory-maps the cached Arrow file and skips reading and
+    tokenizing. Bad records raise ``DataError`` naming the file and line (``file:line``) or row (``file[row]``).
     """
-    path = Path(path)
+    check_columns(columns)
     check_template(tokenizer, template)
+    files = data_files(path)
+    path = Path(path)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    cache_file = cache / f"{path.stem}-{_fingerprint(path, tokenizer, template)}.arrow"
+    stem = re.sub(r"[^\w.-]+", "_", path.stem).strip("_") or "data"
+    cache_file = cache / f"{stem}-{_fingerprint(files, columns, tokenizer, template)}.arrow"
     if cache_file.exists():
         return datasets.Dataset.from_file(str(cache_file))
-    located = list(_records(path))
+    located = list(read_records(path, columns, cache))
     if not located:
         raise DataError(f"data source {path} holds no records")
-    raw = datasets.Dataset.from_dict({"where": [w for w, _ in located], "record": [json.dumps(r) for _, r in located]})
+    raw = datasets.Dataset.from_dict({"where": [w for w, _ in located], "record": [_json(w, r) for w, r in located]})
 
     def tokenize_batch(batch: dict[str, list]) -> dict[str, list]:
         pairs = encode_records(
@@ -120,6 +105,13 @@ def tokenize_source(
     return datasets.Dataset.from_file(str(cache_file))
 
 
+def _json(where: str, record: dict) -> str:
+    try:
+        return json.dumps(record)
+    except (TypeError, ValueError) as err:  # e.g. a Parquet binary column mapped onto a message field
+        raise DataError(f"{where}: a value of an unexpected type ({err})") from None
+
+
 def default_cache_dir() -> Path:
     """$ESFT_CACHE_DIR, else $XDG_CACHE_HOME/esft-lightning (~/.cache/esft-lightning)."""
     base = os.environ.get("ESFT_CACHE_DIR") or os.path.join(
@@ -128,19 +120,24 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
-def _fingerprint(path: Path, tokenizer: PreTrainedTokenizerBase, template: Template) -> str:
+def _fingerprint(
+    files: list[Path], columns: dict[str, str] | None, tokenizer: PreTrainedTokenizerBase, template: Template
+) -> str:
     h = hashlib.sha256(f"{TEMPLATE_VERSION}/{template}".encode())
+    h.update(json.dumps(sorted((columns or {}).items())).encode())
     if template == "model":
         h.update((tokenizer.get_chat_template() or "").encode())
-    if path.is_dir():
-        for f in sorted(path.rglob("*")):
-            if f.is_file():
-                h.update(f.name.encode())
-                h.update(f.read_bytes())
-    else:
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+    for path in files:  # a glob's matches (sorted), each named: adding, removing or renaming one is a miss
+        h.update(f"\0{path.name}\0".encode())
+        if path.is_dir():
+            for f in sorted(path.rglob("*")):
+                if f.is_file():
+                    h.update(f.name.encode())
+                    h.update(f.read_bytes())
+        else:
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    h.update(chunk)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     h.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id)).encode())

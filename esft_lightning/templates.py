@@ -43,14 +43,15 @@ def tokenize_messages(
 def encode_records(
     located: Sequence[tuple[str, Any]], tokenizer: PreTrainedTokenizerBase, template: Template = "esft"
 ) -> list[tuple[list[int], list[int]]]:
-    """(location, record) pairs -> (input_ids, labels) each; records are chats or ``{"text": ...}``."""
+    """(location, record) pairs -> (input_ids, labels) each; records are chats, ``{"prompt", "completion"}``
+    (plain text: BOS + prompt untrained, completion + EOS trained, whatever the template) or ``{"text": ...}``."""
     if template not in ("esft", "model"):
         raise ValueError(f"template must be 'esft' or 'model', got {template!r}")
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token: replies and texts end with it")
     kinds = [_check_record(record, where) for where, record in located]
     out: list[tuple[list[int], list[int]] | None] = [None] * len(located)
-    esft = [i for i, kind in enumerate(kinds) if kind == "text" or template == "esft"]
+    esft = [i for i, kind in enumerate(kinds) if kind != "chat" or template == "esft"]
     if esft:
         segments = [_esft_segments(located[i][1], located[i][0]) for i in esft]
         flat = [text for segs in segments for text, _, _ in segs]
@@ -99,7 +100,7 @@ def model_chat_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
 
 # -- validation -------------------------------------------------------------------------------------
 def _check_record(record: Any, where: str) -> str:
-    """'chat' or 'text'; raises DataError naming ``where`` for anything else."""
+    """'chat', 'completion' or 'text'; raises DataError naming ``where`` for anything else."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
@@ -116,10 +117,16 @@ def _check_record(record: Any, where: str) -> str:
                 raise DataError(f"{where}: message {i} has 'mask' {message['mask']!r} (expected 0 or 1)")
             _check_unicode(message["content"], f"{where}: message {i} content")
         return "chat"
+    if "prompt" in record and "completion" in record:
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str):
+                raise DataError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+            _check_unicode(record[key], f"{where}: {key!r}")
+        return "completion"
     if isinstance(record.get("text"), str):
         _check_unicode(record["text"], f"{where}: 'text'")
         return "text"
-    raise DataError(f"{where}: record needs 'messages' (ESFT chat format) or a string 'text'")
+    raise DataError(f"{where}: record needs 'messages' (a chat), 'prompt' and 'completion' strings or a string 'text'")
 
 
 def _check_unicode(text: str, what: str) -> None:
@@ -132,6 +139,8 @@ def _check_unicode(text: str, what: str) -> None:
 # -- ESFT's template ----------------------------------------------------------------------------------
 def _esft_segments(record: dict[str, Any], where: str) -> list[tuple[str, bool, bool]]:
     """(text, is_reply, trained) per segment of a validated record."""
+    if "messages" not in record and "prompt" in record and "completion" in record:
+        return [(record["prompt"], False, False), (record["completion"], True, True)]  # plain text, no template
     if "messages" not in record:
         return [(record["text"], True, True)]  # plain text: BOS + text + EOS, all trained
     segments = []

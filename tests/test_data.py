@@ -34,8 +34,8 @@ def test_bad_records_name_file_and_line(tmp_path):
     bad_json.write_text(json.dumps(chat("a", "b")) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
         tokenize_source(bad_json, tok, tmp_path / "c")
-    bad_role = write_jsonl(tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "tool", "content": "x"}]}])
-    with pytest.raises(ValueError, match=r"role\.jsonl:2: message 0 has unknown role 'tool'"):
+    bad_role = write_jsonl(tmp_path / "role.jsonl", [chat("a", "b"), {"messages": [{"role": "robot", "content": "x"}]}])
+    with pytest.raises(ValueError, match=r"role\.jsonl:2: message 0 has unknown role 'robot'"):
         tokenize_source(bad_role, tok, tmp_path / "c")
     no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"prompt": "x"}])
     with pytest.raises(ValueError, match=r"nofield\.jsonl:1: record needs 'messages'"):
