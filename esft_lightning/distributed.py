@@ -162,7 +162,7 @@ def _device(device_type: str) -> torch.device:
 def save_pretrained_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     """``save_pretrained`` of the whole model with the trained experts merged in, sharded (FSDP2) or not.
 
-    Under FSDP every rank must call it (the shards are gathered collectively); rank 0 writes, through a temp
+    With several processes every rank must call it (FSDP2 gathers the shards collectively); rank 0 writes, through a temp
     folder swapped in whole, so a crash never leaves a half-written model.
     """
     from .files import atomic_write_dir
@@ -176,9 +176,10 @@ def save_pretrained_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     else:
         state = model.state_dict()  # the hooks merge the trained rows on the host
     path = Path(path)
-    if not sharded or dist.get_rank() == 0:
+    several = dist.is_available() and dist.is_initialized()  # FSDP2 or DDP: rank 0 writes for everyone
+    if not several or dist.get_rank() == 0:
         atomic_write_dir(path, lambda folder: model.save_pretrained(folder, state_dict=state))
-    if sharded:
+    if several:
         dist.barrier()
     return path
 

@@ -10,6 +10,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from esft_lightning.routing import profile_routing
+from esft_lightning.sources import Source
+
+from .context import as_sources, moe_model, profiling_batches
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -46,7 +49,11 @@ def general_dataloader(
 
 def has_general_data(datamodule: L.LightningDataModule) -> bool:
     """Whether the datamodule mixes in general data (sources given and ``general_ratio`` > 0)."""
-    return bool(getattr(datamodule, "general", None)) and getattr(datamodule, "general_ratio", 0) > 0
+    return (
+        bool(getattr(datamodule, "general", None))
+        and getattr(datamodule, "general_ratio", 0) > 0
+        and hasattr(datamodule, "train_sequences")
+    )
 
 
 class RoutingDriftCallback(L.Callback):
@@ -58,21 +65,33 @@ class RoutingDriftCallback(L.Callback):
         max_tokens: non-padding tokens profiled per data kind and evaluation (same sequences every time).
         batch_size: profiling batch size (default: the datamodule's).
         general: also measure on general data (needs ``data.general``).
+        model_attr: the attribute (dotted path) of the LightningModule holding the model, when it holds several.
+        profile_data: task data when the datamodule has no ``task_dataloader()`` (see ``ExpertSelectionCallback``);
+            without it, the Trainer's train dataloader.
 
     Under several ranks every rank profiles its share and the sums are all-reduced (``profile_routing``).
     """
 
-    def __init__(self, max_tokens: int | None = 8192, batch_size: int | None = None, general: bool = True) -> None:
+    def __init__(
+        self,
+        max_tokens: int | None = 8192,
+        batch_size: int | None = None,
+        general: bool = True,
+        model_attr: str | None = None,
+        profile_data: list[Source | str] | None = None,
+    ) -> None:
         self.max_tokens, self.batch_size, self.general = max_tokens, batch_size, general
+        self.model_attr, self.profile_data = model_attr, as_sources(profile_data)
         self.reference: dict[str, dict[int, torch.Tensor]] = {}
         self.history: list[dict[str, float]] = []
         self._warned = False
 
     def _profiles(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, dict[int, torch.Tensor]]:
         dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "task_dataloader"):
-            raise ValueError("RoutingDriftCallback needs an ESFTDataModule (task_dataloader)")
-        loaders = {"task": dm.task_dataloader(self.batch_size)}
+        task = profiling_batches(
+            trainer, pl_module, "RoutingDriftCallback", self.batch_size, profile_data=self.profile_data
+        )
+        loaders = {"task": task}
         if self.general and has_general_data(dm):
             loaders["general"] = general_dataloader(dm, self.batch_size)
         elif self.general and not self._warned:
@@ -80,7 +99,7 @@ class RoutingDriftCallback(L.Callback):
             self._warned = True
         world = trainer.world_size
         budget = None if self.max_tokens is None else -(-self.max_tokens // world)
-        model = pl_module.model
+        model = moe_model(pl_module, self.model_attr)
         return {
             kind: profile_routing(model, loader, max_tokens=budget, progress=False).token_scores
             for kind, loader in loaders.items()

@@ -9,9 +9,12 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedTokenizerBase
 
 from esft_lightning.evaluation import EvalSample, evaluate_set, load_eval_set
 from esft_lightning.files import atomic_write_text
+
+from .context import find_tokenizer, moe_model
 
 
 class TaskEvalCallback(L.Callback):
@@ -29,6 +32,9 @@ class TaskEvalCallback(L.Callback):
         batch_size: prompts generated together (left-padded).
         max_samples: first samples of each set to evaluate (None: all).
         filename: the predictions file in the log dir.
+        tokenizer: tokenizer (or its directory) to generate with; default the datamodule's, else the module's.
+        model_attr: the attribute (dotted path) of the LightningModule holding the model, when it holds several
+            MoE models (default: the one found by structure).
 
     Several ranks share the work: each generates its share of every set and the predictions are
     all-gathered (see ``evaluate_set``); rank 0's loggers record the scores and rank 0 writes the file.
@@ -41,6 +47,8 @@ class TaskEvalCallback(L.Callback):
         batch_size: int = 16,
         max_samples: int | None = 64,
         filename: str = "task_eval.json",
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        model_attr: str | None = None,
     ) -> None:
         if not eval_sets:
             raise ValueError("TaskEvalCallback needs at least one eval set ({path, name})")
@@ -55,7 +63,7 @@ class TaskEvalCallback(L.Callback):
         if len(set(names)) != len(names):
             raise ValueError(f"TaskEvalCallback eval set names must be distinct, got {names}")
         self.max_new_tokens, self.batch_size, self.max_samples = max_new_tokens, batch_size, max_samples
-        self.filename = filename
+        self.filename, self.tokenizer, self.model_attr = filename, tokenizer, model_attr
         self.samples: dict[str, list[EvalSample]] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -82,8 +90,8 @@ class TaskEvalCallback(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Run every eval set now; log and record the scores; return ``{eval/<name>/<metric>: value}``."""
-        model = pl_module.model if getattr(pl_module, "model", None) is not None else pl_module
-        tokenizer = pl_module.tokenizer
+        model = moe_model(pl_module, self.model_attr)
+        tokenizer = find_tokenizer(trainer, pl_module, self.tokenizer)
         metrics: dict[str, float] = {}
         entry: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch, "sets": {}}
         for spec in self.eval_sets:
