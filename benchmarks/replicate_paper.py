@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 from common import expert_lora_targets
-from esft_lightning.callbacks.routing_drift import general_dataloader, js_divergence
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from esft_lightning import synthetic
 from esft_lightning.adapters import load_adapters, save_adapter
+from esft_lightning.callbacks.routing_drift import general_dataloader, js_divergence
 from esft_lightning.data import ESFTDataModule, Source
 from esft_lightning.evaluation import evaluate_set, load_eval_set
 from esft_lightning.experts import apply_expert_config

@@ -161,10 +161,10 @@ class ESFTDataModule(L.LightningDataModule):
             raise ValueError(f"data sources need distinct names (set `name`), got {names}")
         for k, source in enumerate(self.sources):
             rng = np.random.default_rng([self.seed, k])
-            ds = tokenize_source(source.path, tokenizer, self.cache_dir, self.template)
+            ds = tokenize_source(source.path, tokenizer, self.cache_dir, self.template, source.columns)
             order = rng.permutation(len(ds))
             if source.val_path:
-                val_ds = tokenize_source(source.val_path, tokenizer, self.cache_dir, self.template)
+                val_ds = tokenize_source(source.val_path, tokenizer, self.cache_dir, self.template, source.columns)
                 val_idx, train_idx = None, order
             else:
                 holds_out = len(ds) > 1 and self.val_fraction > 0  # val_fraction 0: every sample trains
@@ -239,7 +239,7 @@ class ESFTDataModule(L.LightningDataModule):
         tokenizer = self._resolve_tokenizer()
         loaders = []
         for source in self.test:
-            ds = tokenize_source(source.path, tokenizer, self.cache_dir, self.template)
+            ds = tokenize_source(source.path, tokenizer, self.cache_dir, self.template, source.columns)
             rng = np.random.default_rng([self.seed, 1 << 21])
             sequences, _ = pack_sequences(ds, np.arange(len(ds)), self.seq_length, self.packing, rng, 0.0)
             sequences = [seq for seq in sequences if has_target(seq)]

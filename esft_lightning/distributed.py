@@ -162,8 +162,8 @@ def _device(device_type: str) -> torch.device:
 def save_pretrained_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     """``save_pretrained`` of the whole model with the trained experts merged in, sharded (FSDP2) or not.
 
-    With several processes every rank must call it (FSDP2 gathers the shards collectively); rank 0 writes, through a temp
-    folder swapped in whole, so a crash never leaves a half-written model.
+    With several processes every rank must call it (FSDP2 gathers the shards collectively); rank 0 writes,
+    through a temp folder swapped in whole, so a crash never leaves a half-written model.
     """
     from .files import atomic_write_dir
 

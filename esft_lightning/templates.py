@@ -55,10 +55,11 @@ def encode_records(
     if esft:
         segments = [_esft_segments(located[i][1], located[i][0]) for i in esft]
         flat = [text for segs in segments for text, _, _ in segs]
-        encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        encoded = _encode_texts(tokenizer, flat)
         start = 0
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         for i, segs in zip(esft, segments):
-            out[i] = _assemble(segs, encoded[start : start + len(segs)], tokenizer)
+            out[i] = _assemble(segs, encoded[start : start + len(segs)], bos, tokenizer.eos_token_id)
             start += len(segs)
     chats = [i for i, kind in enumerate(kinds) if kind == "chat" and template == "model"]
     if chats:
@@ -171,17 +172,29 @@ def esft_prompt_text(messages: Sequence[dict[str, Any]], where: str = "record") 
 
 
 def _assemble(
-    segments: list[tuple[str, bool, bool]], encoded: list[list[int]], tokenizer: PreTrainedTokenizerBase
+    segments: list[tuple[str, bool, bool]], encoded: list[list[int]], bos: list[int], eos_id: int
 ) -> tuple[list[int], list[int]]:
-    # Some tokenizers (Qwen's) have no BOS token: then the sequence starts with the first turn.
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    # Some tokenizers (Qwen's) have no BOS token (``bos`` empty): then the sequence starts with the first turn.
     input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
     for (_, is_reply, trained), ids in zip(segments, encoded):
         if is_reply:
-            ids = [*ids, tokenizer.eos_token_id]
+            ids = [*ids, eos_id]
         input_ids.extend(ids)
         labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
     return input_ids, labels
+
+
+def _encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added. A fast tokenizer's Rust backend is called directly when
+    nothing would differ (no truncation, padding or special-token splitting set on it): transformers' wrapper
+    converts every encoding in Python, about a quarter of the whole tokenization time on ESFT's train sets."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    plain = backend is not None and backend.truncation is None and backend.padding is None
+    if plain and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False)):
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 # -- the tokenizer's own template ---------------------------------------------------------------------

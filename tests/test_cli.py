@@ -8,11 +8,11 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from esft_lightning.callbacks import ExpertSelectionCallback
 from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import load_file
 
 from esft_lightning import ESFTDataModule, ESFTModule, Source
+from esft_lightning.callbacks import ExpertSelectionCallback
 from esft_lightning.cli import main
 from esft_lightning.selection import ExpertConfig, select_experts
 

@@ -5,10 +5,10 @@ import re
 import lightning as L
 import pytest
 import torch
-from esft_lightning.callbacks import ExpertSelectionCallback, RichEpochProgressBar
 from packaging.specifiers import SpecifierSet
 
 from esft_lightning import ESFTModule
+from esft_lightning.callbacks import ExpertSelectionCallback, RichEpochProgressBar
 from esft_lightning.cli import make_cli
 
 from .conftest import REPO

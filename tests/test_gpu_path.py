@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 import yaml
-from esft_lightning.callbacks import ExpertSelectionCallback
 from lightning.pytorch.strategies import DDPStrategy
 
 from esft_lightning import ESFTDataModule, ESFTModule, Source
+from esft_lightning.callbacks import ExpertSelectionCallback
 from esft_lightning.cli import main
 from esft_lightning.data import gradient_accumulation
 from esft_lightning.distributed import FSDP2Strategy, allow_unused_experts_under_ddp, shard_model

@@ -12,13 +12,13 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from esft_lightning.callbacks import ExpertSelectionCallback, NonFiniteLossError, NonFiniteLossGuard
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file
 
 from esft_lightning import ESFTDataModule, ESFTModule, Source
 from esft_lightning.adapters import load_adapter, save_adapter
+from esft_lightning.callbacks import ExpertSelectionCallback, NonFiniteLossError, NonFiniteLossGuard
 from esft_lightning.checkpoint_io import AtomicCheckpointIO
 from esft_lightning.cli import main
 from esft_lightning.files import WriteError, atomic_write_dir

@@ -8,11 +8,11 @@ import math
 import lightning as L
 import pytest
 import torch
-from esft_lightning.callbacks import ExpertSelectionCallback, RoutingDriftCallback
-from esft_lightning.callbacks.routing_drift import js_divergence
 from lightning.pytorch.loggers import CSVLogger
 
 from esft_lightning import ESFTDataModule, ESFTModule
+from esft_lightning.callbacks import ExpertSelectionCallback, RoutingDriftCallback
+from esft_lightning.callbacks.routing_drift import js_divergence
 from esft_lightning.data import Source
 
 from .conftest import chat, write_jsonl
