@@ -74,7 +74,8 @@ def tokenize_source(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]+", "_", path.stem).strip("_") or "data"
-    cache_file = cache / f"{stem}-{_fingerprint(files, columns, tokenizer, template)}.arrow"
+    fingerprint = _fingerprint(files, columns, tokenizer, template)
+    cache_file = cache / f"{stem}-{fingerprint}.arrow"
     if cache_file.exists():
         return datasets.Dataset.from_file(str(cache_file))
     located = list(read_records(path, columns, cache))
@@ -96,6 +97,9 @@ def tokenize_source(
             batch_size=512,
             remove_columns=raw.column_names,
             cache_file_name=str(tmp_file),
+            # Our content key, so datasets does not hash the function itself (dill-pickling the tokenizer with
+            # it measured 0.5 s of 2.7 s on ESFT's intent + law sets).
+            new_fingerprint=fingerprint,
             desc=f"Tokenizing {path.name}",
         )
         del tokenized
