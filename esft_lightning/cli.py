@@ -108,21 +108,12 @@ def _tool_main(command: str, argv: list[str]) -> None:
     ns, rest = parser.parse_known_args(argv)
     cli = make_cli(rest, run=False)
     from .files import atomic_write_text
-    from .models.loading import load_model, load_tokenizer, resolve_model_path
+    from .models.loading import MODEL_ARGS, load_model, load_tokenizer, resolve_model_path
     from .selection_spec import decide
 
-    args = cli.config.model
+    args = cli.config.model  # ESFTModule's arguments, loaded without building the LightningModule's model
     tokenizer = load_tokenizer(args.tokenizer, resolve_model_path(args.model, args.family), args.trust_remote_code)
-    model = load_model(
-        args.model,
-        args.family,
-        args.model_config,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-        experts_implementation=args.experts_implementation,
-        seed=args.seed,
-        vocab_size=len(tokenizer),
-    )
+    model = load_model(**{name: args[name] for name in MODEL_ARGS}, vocab_size=len(tokenizer))
     cli.datamodule.tokenizer = tokenizer
     spec, batch_size = configured_spec(cli.trainer, vars(ns))
     device = cli.trainer.strategy.root_device  # profile where training would run (the GPU when there is one)

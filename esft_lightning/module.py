@@ -25,7 +25,7 @@ from .distributed import (
     training_memory_bytes,
 )
 from .experts import is_trained_copy, trainable_summary, trained_copies_dtype
-from .models.loading import load_model, load_tokenizer, param_dtype, resolve_model_path
+from .models.loading import MODEL_ARGS, load_model, load_tokenizer, param_dtype, resolve_model_path
 from .selection import ExpertConfig
 from .selection_spec import restore
 from .sources import IGNORE_INDEX
@@ -78,14 +78,12 @@ class ESFTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        model = resolve_model_path(model, family)
-        self.model_path, self.family, self.model_config = model, family, dict(model_config or {})
-        self.trust_remote_code, self.dtype_name, self.seed = trust_remote_code, dtype, seed
-        self.experts_implementation = experts_implementation
+        # (how the model is built: ``load_model`` reads those arguments from self.hparams)
+        self.model_path = resolve_model_path(model, family)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.router_aux_loss_coef, self.save_trainable_only = router_aux_loss_coef, save_trainable_only
-        self.fsdp_bf16, self.activation_checkpointing = fsdp_bf16, activation_checkpointing
-        self.tokenizer = load_tokenizer(tokenizer, model, trust_remote_code)
+        self.fsdp_bf16 = fsdp_bf16
+        self.tokenizer = load_tokenizer(tokenizer, self.model_path, trust_remote_code)
         self.model: nn.Module | None = None
         self.strict_loading = False  # small checkpoints hold only the trainable tensors
         self._step_started = 0.0
@@ -104,17 +102,9 @@ class ESFTModule(L.LightningModule):
             return self.model
         self._host_bytes_before_model = current_host_bytes()
         self.model = load_model(
-            self.model_path,
-            self.family,
-            self.model_config,
-            dtype=self.param_dtype,
-            trust_remote_code=self.trust_remote_code,
-            experts_implementation=self.experts_implementation,
-            seed=self.seed,
+            **{name: self.hparams[name] for name in MODEL_ARGS},
             vocab_size=len(self.tokenizer),
             on_meta=self.loads_on_rank0_only and self.global_rank != 0,
-            router_aux_loss_coef=self.router_aux_loss_coef,
-            activation_checkpointing=self.activation_checkpointing,
         )
         return self.model
 
@@ -127,7 +117,7 @@ class ESFTModule(L.LightningModule):
     @property
     def param_dtype(self) -> torch.dtype:
         """The dtype parameters are built or loaded in (``dtype``, with ``auto`` resolved)."""
-        return param_dtype(self.dtype_name)
+        return param_dtype(self.hparams.dtype)
 
     def setup(self, stage: str) -> None:
         allow_unused_experts_under_ddp(self.trainer.strategy)

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["load_model", "load_tokenizer", "resolve_model_path", "param_dtype"]
+__all__ = ["MODEL_ARGS", "load_model", "load_tokenizer", "resolve_model_path", "param_dtype"]
+
+MODEL_ARGS = (
+    "model", "family", "model_config", "dtype", "trust_remote_code", "experts_implementation", "seed",
+    "router_aux_loss_coef", "activation_checkpointing",
+)  # fmt: skip
+"""``load_model``'s arguments that ``ESFTModule`` takes under the same names (its config's ``model:`` section)."""
 
 
 def resolve_model_path(model: str | None, family: str | None = None) -> str | None:
