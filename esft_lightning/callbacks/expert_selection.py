@@ -139,9 +139,9 @@ class ExpertSelectionCallback(L.Callback):
         profile and select. Idempotent: a model that already has this selection is left as it is."""
         saved = read_checkpoint_selection(trainer.ckpt_path)  # a resumed run keeps its selection
         had_selection = getattr(model, "esft_expert_config", None) is not None
-        config = restore(model, saved, self.spec)
+        config = self.config = restore(model, saved, self.spec)
         if had_selection or trainer.state.fn != "fit":
-            return  # validate / test without a checkpoint selection: the model as it is
+            return  # selected already (e.g. by prepare_for_sharding), or validate / test: nothing to decide
         if config is not None and saved is not None and saved.get("expert_config") is not None:
             rank_zero_info("ESFT: resuming with the checkpoint's expert selection (no profiling)")
         if config is None:
