@@ -30,7 +30,8 @@ DISK_FULL = OSError(errno.ENOSPC, "No space left on device")
 
 
 class NaNAtStep(ESFTModule):
-    """ESFTModule whose loss is NaN at one optimizer step (as a bad batch or an overflow would make it)."""
+    """ESFTModule whose loss is NaN at one training batch (as a bad batch or an overflow would make it); the
+    batch is counted over the whole run (Lightning's batch progress, restored on resume)."""
 
     def __init__(self, nan_step: int, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -38,14 +39,15 @@ class NaNAtStep(ESFTModule):
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
         loss = super().training_step(batch, batch_idx)
-        return loss * float("nan") if self.global_step == self.nan_step else loss
+        batch_number = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
+        return loss * float("nan") if batch_number == self.nan_step else loss
 
 
 def trainables(module: ESFTModule) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def small_fit(module: ESFTModule, tmp_path: Path, steps: int, *callbacks, plugins=None) -> L.Trainer:
+def small_fit(module: ESFTModule, tmp_path: Path, steps: int, *callbacks, plugins=None, ckpt_path=None) -> L.Trainer:
     data = write_jsonl(tmp_path / "task.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(16)])
     dm = ESFTDataModule(task=[Source(str(data))], seq_length=32, batch_size=2, general_ratio=0)
     trainer = L.Trainer(
@@ -62,7 +64,7 @@ def small_fit(module: ESFTModule, tmp_path: Path, steps: int, *callbacks, plugin
             *callbacks,
         ],
     )
-    trainer.fit(module, dm)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -84,24 +86,56 @@ def test_nonfinite_loss_stops_before_the_weights_change_and_keeps_the_last_check
 
 
 def test_nonfinite_loss_skip_drops_the_step_and_logs_the_count(tmp_path):
-    module = NaNAtStep(nan_step=3, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-    steps = {}
+    module = NaNAtStep(
+        nan_step=3,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1 / (1 + step)),
+    )
+    seen = []  # (global step, lr, trainables) at the start of every batch
 
     class Snapshot(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-            steps[trainer.global_step] = trainables(pl_module)
+            seen.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"], trainables(pl_module)))
 
     guard = NonFiniteLossGuard("skip")
     with pytest.warns(UserWarning, match="optimizer step skipped"):
         trainer = small_fit(module, tmp_path, 6, guard, Snapshot())
-    assert guard.skipped == 1 and trainer.global_step == 6
-    assert all(torch.equal(steps[3][n], steps[4][n]) for n in steps[3])  # step 3 changed nothing
-    assert not all(torch.equal(steps[4][n], steps[5][n]) for n in steps[4])  # later steps train again
+    assert guard.skipped == 1 and trainer.global_step == 6 and len(seen) == 7  # 6 steps took 7 batches
+    assert [step for step, _, _ in seen] == [0, 1, 2, 3, 3, 4, 5]  # the skipped batch is not an optimizer step
+    assert [lr for _, lr, _ in seen] == [1e-2 * (1 / (1 + step)) for step, _, _ in seen]  # nor a scheduler step
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6
+    assert all(torch.equal(seen[3][2][n], seen[4][2][n]) for n in seen[3][2])  # batch 3 changed nothing
+    assert not all(torch.equal(seen[4][2][n], seen[5][2][n]) for n in seen[4][2])  # later steps train again
     assert all(torch.isfinite(p).all() for p in trainables(module).values())
+    assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {6}  # AdamW counted 6 updates
     metrics = (log_dirs_of(tmp_path)[-1] / "metrics.csv").read_text()
     assert "train/nonfinite_skipped" in metrics.splitlines()[0]
     last = torch.load(log_dirs_of(tmp_path)[-1] / "checkpoints/last.ckpt", weights_only=True)
     assert last["callbacks"]["NonFiniteLossGuard"] == {"skipped": 1}  # the count survives a resume
+
+
+def test_resume_after_a_skipped_step_is_exact(tmp_path):
+    def module() -> NaNAtStep:
+        return NaNAtStep(
+            nan_step=1,
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1 / (1 + step)),
+        )
+
+    (tmp_path / "whole").mkdir()
+    with pytest.warns(UserWarning, match="optimizer step skipped"):
+        whole = small_fit(whole_module := module(), tmp_path / "whole", 6, NonFiniteLossGuard("skip"))
+    (tmp_path / "part").mkdir()
+    with pytest.warns(UserWarning, match="optimizer step skipped"):
+        small_fit(module(), tmp_path / "part", 4, NonFiniteLossGuard("skip"))  # stops after the skip, at step 4
+    last = log_dirs_of(tmp_path / "part")[-1] / "checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    guard = NonFiniteLossGuard("skip")
+    resumed = small_fit(resumed_module := module(), tmp_path / "part", 6, guard, ckpt_path=str(last))
+    assert guard.skipped == 1 and resumed.global_step == whole.global_step == 6
+    assert resumed.optimizers[0].param_groups[0]["lr"] == whole.optimizers[0].param_groups[0]["lr"]
+    expected = trainables(whole_module)
+    assert all(torch.equal(t, expected[n]) for n, t in trainables(resumed_module).items())
 
 
 def log_dirs_of(root: Path) -> list[Path]:

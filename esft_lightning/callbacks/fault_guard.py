@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import lightning as L
@@ -23,7 +24,9 @@ class NonFiniteLossGuard(L.Callback):
             weights, the optimizer state and every checkpoint on disk stay as they were (resume from the
             last good one with ``--ckpt_path last``). ``skip`` drops that optimizer step instead (no weight
             or optimizer-state change; under gradient accumulation the whole accumulated step) and logs the
-            running count as ``train/nonfinite_skipped``.
+            running count as ``train/nonfinite_skipped``. A skipped step is not an optimizer step: the
+            global step and the (step-interval) LR schedulers stay where they were, so ``max_steps`` counts
+            steps that updated the weights, and a resumed run continues exactly.
         max_skips: with ``skip``, stop anyway after this many skipped steps (a run that diverged).
 
     Under data parallel every rank takes the same decision (a NaN on any rank counts for all).
@@ -35,6 +38,7 @@ class NonFiniteLossGuard(L.Callback):
         self.action, self.max_skips = action, max_skips
         self.skipped = 0
         self._bad_loss: float | None = None
+        self._undo: list[Any] | None = None  # schedulers' and param groups' state before a skipped step
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         if self._bad_loss is None and not torch.isfinite(loss.detach()).all():
@@ -60,13 +64,48 @@ class NonFiniteLossGuard(L.Callback):
             )
         for p in params:
             p.grad = None  # optimizers skip parameters without gradients: no update, no state change
+        # Lightning counts the step and steps the schedulers after this hook whatever happened; remember their
+        # state so on_train_batch_end can take both back.
+        self._undo = [
+            [copy.deepcopy(config.scheduler.state_dict()) for config in trainer.lr_scheduler_configs],
+            [
+                [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in o.param_groups]
+                for o in trainer.optimizers
+            ],
+        ]
         self.skipped += 1
         rank_zero_warn(f"non-finite training loss {where} ({what}): optimizer step skipped ({self.skipped} so far)")
         for logger in trainer.loggers:
             logger.log_metrics({"train/nonfinite_skipped": float(self.skipped)}, step=trainer.global_step)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._undo is None:
+            return
+        schedulers, groups = self._undo
+        self._undo = None
+        loop = trainer.fit_loop.epoch_loop
+        if not pl_module.automatic_optimization:  # the module steps its schedulers itself; Lightning counts steps
+            _uncount(loop.manual_optimization.optim_step_progress)
+            return
+        for config, state in zip(trainer.lr_scheduler_configs, schedulers):
+            config.scheduler.load_state_dict(state)
+        for optimizer, saved in zip(trainer.optimizers, groups):
+            for group, values in zip(optimizer.param_groups, saved):
+                group.update(values)
+        # The optimizer-step counter behind trainer.global_step (Lightning's loop progress, saved in checkpoints).
+        _uncount(loop.automatic_optimization.optim_progress.optimizer.step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = state_dict.get("skipped", 0)
+
+
+def _uncount(progress: Any) -> None:
+    """Take one optimizer step back from a Lightning progress counter (total and current)."""
+    for counter in (progress.total, progress.current):
+        counter.ready -= 1
+        counter.completed -= 1
