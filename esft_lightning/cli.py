@@ -46,7 +46,12 @@ class ESFTCLI(LightningCLI):
             kwargs["ckpt_path"] = None
 
     def before_fit(self) -> None:
+        from .callbacks import ResumeCheck
+
         self._pin_ckpt_path()
+        if not any(isinstance(cb, ResumeCheck) for cb in self.trainer.callbacks):
+            # first, so it restores the RNG states before any other callback draws; every checkpoint holds them
+            self.trainer.callbacks.insert(0, ResumeCheck())
 
     def before_validate(self) -> None:
         self._pin_ckpt_path()

@@ -223,6 +223,9 @@ class ESFTDataModule(L.LightningDataModule):
             batch_size=batch_size or self.batch_size,
             sampler=ResumableSampler(len(dataset), self.seed, shuffle, shard),
             collate_fn=self.collate,
+            # Its own generator: making an iterator then draws no number from the global RNG, so a resumed run's
+            # random stream matches the uninterrupted run's wherever it resumes.
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=False,
         )

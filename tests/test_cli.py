@@ -1,6 +1,7 @@
 """End to end through `esft`: fit with ExpertSelectionCallback, resume, configs, profile/select, local dirs."""
 
 import csv
+import logging
 import os
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def test_ckpt_path_last_resolves_as_lightning_does(tmp_path):
     assert resolve_ckpt_path(empty, "last") is None
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, caplog):
     epoch = ["--data.num_train_sequences", "10"]  # 5 batches an epoch: the resumed run crosses an epoch end
     main(["fit", "--config", str(quick_config(tmp_path / "a", steps=8)), *epoch])
     uninterrupted = load_file(str(log_dirs(tmp_path / "a")[-1] / "adapter" / "adapter.safetensors"))
@@ -164,7 +165,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     main(["fit", "--config", str(cfg), *epoch])
     ckpt = log_dirs(tmp_path / "b")[-1] / "checkpoints/last.ckpt"  # in the run's own version folder
     (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
-    main(["fit", "--config", str(cfg), "--trainer.max_steps", "8", "--ckpt_path", "last", *epoch])
+    with caplog.at_level(logging.INFO):
+        main(["fit", "--config", str(cfg), "--trainer.max_steps", "8", "--ckpt_path", "last", *epoch])
+    check = (
+        "ESFT resume check at global step 3: restored RNG states (numpy, python, torch), data position, optimizer state"
+    )
+    assert check in caplog.text and "resumed exactly" in caplog.text and "not restored" not in caplog.text
     assert len(log_dirs(tmp_path / "b")) == 1  # the resumed run continued in the version it resumed
     rows = list(csv.DictReader((log_dirs(tmp_path / "b")[-1] / "metrics.csv").open()))
     steps = {int(r["step"]) for r in rows if r["train/loss"]}

@@ -2,13 +2,16 @@
 
 import errno
 import inspect
+import logging
 import os
+import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,7 +21,7 @@ from safetensors.torch import load_file
 
 from esft_lightning import ESFTDataModule, ESFTModule, Source
 from esft_lightning.adapters import load_adapter, save_adapter
-from esft_lightning.callbacks import ExpertSelectionCallback, NonFiniteLossError, NonFiniteLossGuard
+from esft_lightning.callbacks import ExpertSelectionCallback, NonFiniteLossError, NonFiniteLossGuard, ResumeCheck
 from esft_lightning.checkpoint_io import AtomicCheckpointIO
 from esft_lightning.cli import main
 from esft_lightning.files import WriteError, atomic_write_dir
@@ -316,3 +319,38 @@ def test_adapters_are_read_as_data_never_unpickled(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("an adapter was unpickled"))
     with pytest.raises(FileNotFoundError, match="no .safetensors weights"):
         load_adapter(build_tiny_model("qwen3_moe"), tmp_path / "a")
+
+
+class Draws(L.Callback):
+    """Draws from every global RNG at each batch start, as dropout or a sampling callback would."""
+
+    def __init__(self) -> None:
+        self.draws: dict[int, tuple[float, float, float]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+        self.draws[trainer.global_step] = (torch.rand(1).item(), float(np.random.rand()), random.random())
+
+
+def test_resume_restores_the_rng_states_and_says_what_it_restored(tmp_path, caplog):
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "part").mkdir()
+    whole = Draws()
+    L.seed_everything(0)
+    small_fit(ESFTModule(family="deepseek_v3"), tmp_path / "whole", 6, ResumeCheck(), whole)
+    L.seed_everything(0)
+    small_fit(ESFTModule(family="deepseek_v3"), tmp_path / "part", 4, ResumeCheck(), Draws())
+    last = log_dirs_of(tmp_path / "part")[-1] / "checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # RNG states load as plain data
+    torch.manual_seed(123), np.random.seed(5), random.seed(7)  # whatever the new process would have
+    resumed = Draws()
+    with caplog.at_level(logging.INFO):
+        small_fit(ESFTModule(family="deepseek_v3"), tmp_path / "part", 6, ResumeCheck(), resumed, ckpt_path=str(last))
+    assert resumed.draws == {4: whole.draws[4], 5: whole.draws[5]}
+    assert "restored RNG states (numpy, python, torch), data position, optimizer state; resumed exactly" in caplog.text
+
+
+def test_resume_check_names_what_was_not_restored(tmp_path):
+    small_fit(ESFTModule(family="deepseek_v3"), tmp_path, 2)  # written without ResumeCheck: no RNG states
+    last = log_dirs_of(tmp_path)[-1] / "checkpoints/last.ckpt"
+    with pytest.warns(UserWarning, match="ESFT resume check: not restored: RNG states: the checkpoint holds none"):
+        small_fit(ESFTModule(family="deepseek_v3"), tmp_path, 3, ResumeCheck(), ckpt_path=str(last))

@@ -3,6 +3,7 @@
 from .expert_selection import ExpertSelectionCallback
 from .fault_guard import NonFiniteLossError, NonFiniteLossGuard
 from .progress import ESFTProgressBar, RichEpochProgressBar
+from .resume_check import ResumeCheck
 from .routing_drift import RoutingDriftCallback
 from .task_eval import TaskEvalCallback
 
@@ -12,6 +13,7 @@ __all__ = [
     "NonFiniteLossError",
     "ESFTProgressBar",
     "RichEpochProgressBar",
+    "ResumeCheck",
     "RoutingDriftCallback",
     "TaskEvalCallback",
 ]
