@@ -152,7 +152,7 @@ def _split_grouped(
     # The one host sync per layer: grouped_mm needs the split points.
     num_frozen, num_routed = ends[[num_experts - 1, num_experts + num_slots - 1]].tolist()
     token_of_pair = order // top_k
-    weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    weights = top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
     out = _accumulator(hidden_TH)
     parts = (
         (0, num_frozen, ends[:num_experts], "", 0),
@@ -165,9 +165,10 @@ def _split_grouped(
         b_up = b_down = None
         if biases:  # per-pair bias rows: the expert (frozen part) or slot (trained part) each pair went to
             expert_of_pair = group[start:end] - first_group
-            b_up, b_down = (getattr(self, prefix + n)[expert_of_pair] for n in biases)
+            b_up, b_down = (getattr(self, prefix + n).index_select(0, expert_of_pair) for n in biases)
         w_up, w_down = getattr(self, prefix + up), getattr(self, prefix + down)
-        h = _expert_output(self, _grouped_linear(hidden_TH[tokens], w_up, offsets, b_up, self.is_transposed))
+        x = hidden_TH.index_select(0, tokens)
+        h = _expert_output(self, _grouped_linear(x, w_up, offsets, b_up, self.is_transposed))
         y = _grouped_linear(h, w_down, offsets, b_down, self.is_transposed)
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
@@ -195,7 +196,7 @@ def _split_eager(
         else:
             tensors = [getattr(self, n)[expert] for n in names]
         w_up, w_down, b_up, b_down = (*tensors, None, None) if len(tensors) == 2 else tensors
-        x = hidden_TH[token_idx].to(w_up.dtype)
+        x = hidden_TH.index_select(0, token_idx).to(w_up.dtype)
         h = _expert_output(self, _linear(x, w_up, b_up, self.is_transposed))
         y = _linear(h, w_down, b_down, self.is_transposed)
         if self.has_post_expert_norm:
