@@ -5,7 +5,8 @@ layout flags transformers' own ``grouped_mm`` honours (``has_gate``, ``has_bias`
 ``has_post_expert_norm``) and always calls the module's own ``_apply_gate`` / ``act_fn`` (clamped SwiGLU, interleaved
 gate/up, GELU, ...). Token-expert pairs of frozen experts go through the frozen fused tensors and pairs of selected
 experts through the small trainable ``esft_*`` tensors: one grouped matmul per group and projection, one weighted
-scatter-add back to tokens, one host sync per layer.
+scatter-add back to tokens, one host sync per layer. Gathers are ``index_select`` and the scatter-add is
+``index_add_``: on CPU both directions are bitwise reproducible with any number of threads.
 """
 
 from __future__ import annotations
@@ -101,15 +102,20 @@ def base_forward(experts: nn.Module) -> Callable:
 def esft_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Experts forward with frozen and trained experts in separate tensors (same math as the stock one)."""
-    if not has_split(self):
+    """Experts forward with frozen and trained experts in separate tensors (same math as the stock one).
+
+    A layer without a selection keeps the model's own forward, except transformers' ``grouped_mm``: it runs our
+    grouped path (no trained group) instead, whose backward is deterministic (see ``_split_grouped``).
+    """
+    split = has_split(self)
+    base = getattr(self, "_esft_base_impl", None) or "grouped_mm"
+    if not split and base != "grouped_mm":
         return base_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     names = expert_param_names(self)
-    use_grouped = getattr(self, "_esft_base_impl", None) != "eager" and can_use_grouped_mm(
-        hidden_states, *(getattr(self, n) for n in names[:2])
-    )
-    split = _split_grouped if use_grouped else _split_eager
-    return split(self, hidden_states, top_k_index, top_k_weights)
+    if base != "eager" and can_use_grouped_mm(hidden_states, *(getattr(self, n) for n in names[:2])):
+        return _split_grouped(self, hidden_states, top_k_index, top_k_weights)
+    forward = _split_eager if split else base_forward(self)
+    return forward(self, hidden_states, top_k_index, top_k_weights)
 
 
 ALL_EXPERTS_FUNCTIONS.register(ESFT_IMPLEMENTATION, esft_experts_forward)
@@ -129,6 +135,19 @@ def _grouped_linear(
     return y if b is None else y + b
 
 
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along dim 0 as ``index_select``, whose backward is bitwise reproducible on CPU.
+
+    The backward of advanced indexing ``x[index]`` is ``index_put_(accumulate=True)``: on a CPU with more than one
+    thread it adds duplicate rows (a token's k expert pairs) with atomic adds in whichever order the threads get
+    there (from 32768 gathered elements, PyTorch's parallel grain), so gradients differ in the last bits from run
+    to run unless ``torch.use_deterministic_algorithms(True)``. ``index_select``'s backward is ``index_add_``, which
+    on CPU adds rows serially in index order (same result with any thread count; on CUDA it is atomic unless
+    deterministic algorithms are on, as the combine's ``index_add_`` is). It is also the faster of the two.
+    """
+    return x.index_select(0, index)
+
+
 def _expert_output(self: nn.Module, projected: torch.Tensor) -> torch.Tensor:
     # The module's own gating / activation: clamped SwiGLU, interleaved gate/up, GELU, ... are never re-implemented.
     return self._apply_gate(projected) if self.has_gate else self.act_fn(projected)
@@ -138,21 +157,23 @@ def _split_grouped(
     self: nn.Module, hidden_TH: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     up, down, *biases = expert_param_names(self)
-    num_experts, num_slots = self.num_experts, self.esft_expert_ids.numel()
+    split = has_split(self)
+    num_experts, num_slots = self.num_experts, (self.esft_expert_ids.numel() if split else 0)
     top_k = top_k_index.shape[-1]
     # Group of each token-expert pair: frozen experts 0..E-1 keep their id, selected experts go to E + slot, and
     # placeholder ids (>= E, e.g. expert-parallel sentinels) to a last group that is never computed. One sort then
-    # puts frozen pairs first (by expert), trained pairs next (by slot), placeholders last.
+    # puts frozen pairs first (by expert), trained pairs next (by slot), placeholders last. (A layer without a
+    # selection has only the frozen group: the fused tensors, trainable when every expert of the layer is selected.)
     ids = top_k_index.reshape(-1)
     ids = torch.where((ids < 0) | (ids >= num_experts), num_experts, ids)  # -1 / >= E: placeholders, never run
-    group = self.esft_group_of_expert[ids]
+    group = self.esft_group_of_expert[ids] if split else ids
     group, order = torch.sort(group)
     counts = torch.bincount(group, minlength=num_experts + num_slots + 1)
     ends = torch.cumsum(counts, dim=0, dtype=torch.int32)
     # The one host sync per layer: grouped_mm needs the split points.
     num_frozen, num_routed = ends[[num_experts - 1, num_experts + num_slots - 1]].tolist()
     token_of_pair = order // top_k
-    weights = top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+    weights = _rows(top_k_weights.reshape(-1), order).unsqueeze(-1)
     out = _accumulator(hidden_TH)
     parts = (
         (0, num_frozen, ends[:num_experts], "", 0),
@@ -165,10 +186,9 @@ def _split_grouped(
         b_up = b_down = None
         if biases:  # per-pair bias rows: the expert (frozen part) or slot (trained part) each pair went to
             expert_of_pair = group[start:end] - first_group
-            b_up, b_down = (getattr(self, prefix + n).index_select(0, expert_of_pair) for n in biases)
+            b_up, b_down = (_rows(getattr(self, prefix + n), expert_of_pair) for n in biases)
         w_up, w_down = getattr(self, prefix + up), getattr(self, prefix + down)
-        x = hidden_TH.index_select(0, tokens)
-        h = _expert_output(self, _grouped_linear(x, w_up, offsets, b_up, self.is_transposed))
+        h = _expert_output(self, _grouped_linear(_rows(hidden_TH, tokens), w_up, offsets, b_up, self.is_transposed))
         y = _grouped_linear(h, w_down, offsets, b_down, self.is_transposed)
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
@@ -196,7 +216,7 @@ def _split_eager(
         else:
             tensors = [getattr(self, n)[expert] for n in names]
         w_up, w_down, b_up, b_down = (*tensors, None, None) if len(tensors) == 2 else tensors
-        x = hidden_TH.index_select(0, token_idx).to(w_up.dtype)
+        x = _rows(hidden_TH, token_idx).to(w_up.dtype)
         h = _expert_output(self, _linear(x, w_up, b_up, self.is_transposed))
         y = _linear(h, w_down, b_down, self.is_transposed)
         if self.has_post_expert_norm:
