@@ -11,6 +11,7 @@ gather, and its batch of 2 x 64 gathers at most 512 pairs x hidden 64 = 32768 el
 is why the older reproducibility test (tests/test_reliability.py) passed. Here: 3 layers (2 MoE), batch 4 x 64.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -116,3 +117,26 @@ def test_experts_gradients_are_bitwise_equal_across_backward_passes_with_two_thr
             assert not differ, differ
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_the_quickstart_fits_twice_to_bitwise_equal_adapters_with_two_threads(tmp_path):
+    """The shipped quickstart (pretrained model, ESFT-Token, task eval, routing drift), 20 steps, twice."""
+    runs = []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        root.mkdir()
+        env = {**os.environ, **TWO_THREADS, "ESFT_CACHE_DIR": str(root / "cache")}
+        quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+        cmd = [sys.executable, "-c", FIT, "fit", "--config", str(quickstart), "--trainer.max_steps", "20"]
+        cmd += ["--trainer.default_root_dir", str(root / "run")]
+        done = subprocess.run(cmd, cwd=quickstart.parents[1], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        runs.append(sorted((root / "run" / "logs").glob("version_*"))[-1])
+    a, b = (load_file(run / "adapter/adapter.safetensors") for run in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    predictions = [
+        [s["predictions"] for s in json.loads((run / "task_eval.json").read_text())["evaluations"][-1]["sets"].values()]
+        for run in runs
+    ]
+    assert predictions[0] == predictions[1]
