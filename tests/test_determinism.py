@@ -13,6 +13,7 @@ is why the older reproducibility test (tests/test_reliability.py) passed. Here: 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,39 @@ def test_the_quickstart_fits_twice_to_bitwise_equal_adapters_with_two_threads(tm
         for run in runs
     ]
     assert predictions[0] == predictions[1]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_with_two_threads_equals_the_uninterrupted_run_bitwise(tmp_path):
+    """Killed after step 5 (last checkpoint: step 3), resumed with --ckpt_path last: the same bits as a run never
+    killed, for the model whose gathers go multi-threaded."""
+    whole = fit(tmp_path / "whole", "--trainer.max_steps", "6")
+    root = tmp_path / "killed"
+    env = {**os.environ, **TWO_THREADS, "ESFT_CACHE_DIR": str(root / "cache"), "ESFT_CRASH": "fit:5"}
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "tests.crash_fit", "fit", "--config", str(config(root)), "--trainer.max_steps", "6"]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, (done.stdout + done.stderr)[-3000:]
+    resumed = fit(root, "--trainer.max_steps", "6", "--ckpt_path", "last")
+    assert resumed == log_dirs(root)[0]  # continued in the killed run's version folder
+    assert_bitwise_equal(trained_tensors(whole), trained_tensors(resumed))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_experts_gradients_are_bitwise_equal_on_cuda_with_deterministic_algorithms():
+    """On CUDA index_add_ / index_select's backward use atomics: reproducible with deterministic algorithms on."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for deterministic GEMMs
+    torch.use_deterministic_algorithms(True)
+    try:
+        model = build_tiny_model("qwen3_moe", seed=0).cuda()
+        apply_expert_config(model, ExpertConfig(experts={0: [1, 5, 9]}))
+        ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+        grads = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids).loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert any(".esft_" in n for n in grads[0])
+        assert all(torch.equal(grads[0][n], other[n]) for other in grads[1:] for n in grads[0])
+    finally:
+        torch.use_deterministic_algorithms(False)
