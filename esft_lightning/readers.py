@@ -124,46 +124,41 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
         return
     with path.open("rb") as f:  # bytes, so a bad encoding is reported with its line
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                    "JSONL data must be UTF-8 encoded"
-                ) from None
-            if not line.strip():
+            if not raw.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
-            except RecursionError:
-                raise DataError(f"{path}:{lineno}: malformed JSON (nested too deeply)") from None
+            record = _parse_json(raw, path, lineno, "JSONL")
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             yield f"{path}:{lineno}", record
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
-    raw = path.read_bytes()
-    try:
-        rows = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataError(
-            f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); JSON data must be UTF-8"
-        ) from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
-    except RecursionError:
-        raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
+    rows = _parse_json(path.read_bytes(), path, 1, "JSON")
     if not isinstance(rows, list):
         raise DataError(f"{path}: a .json file holds JSON lines or one array of records, got {type(rows).__name__}")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{path}[{i}]: expected a JSON object, got {type(row).__name__}")
         yield f"{path}[{i}]", row
+
+
+def _parse_json(raw: bytes, path: Path, first_line: int, kind: str) -> Any:
+    """``raw`` (the lines of ``path`` from ``first_line`` on) as JSON; bad UTF-8 or JSON raise ``DataError`` naming
+    ``file:line`` (bytes in, so a bad encoding is reported with its line and column)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = first_line + raw[: err.start].count(b"\n")
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
+            f"{kind} data must be UTF-8 encoded"
+        ) from None
+    except json.JSONDecodeError as err:
+        line = first_line + err.lineno - 1
+        raise DataError(f"{path}:{line}: malformed JSON ({err.msg}, column {err.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{first_line}: malformed JSON (nested too deeply)") from None
 
 
 def _columnar_records(path: Path, cache_dir: str | Path | None) -> Iterator[tuple[str, Any]]:
