@@ -173,11 +173,11 @@ def save_pretrained_merged(model: nn.Module, path: str | os.PathLike) -> Path:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=options)  # gathered on rank 0, via the merge hooks
-    else:
-        state = model.state_dict()  # the hooks merge the trained rows on the host
     path = Path(path)
     several = dist.is_available() and dist.is_initialized()  # FSDP2 or DDP: rank 0 writes for everyone
     if not several or dist.get_rank() == 0:
+        if not sharded:
+            state = model.state_dict()  # the hooks merge the trained rows on the host (rank 0 only: it writes)
         atomic_write_dir(path, lambda folder: model.save_pretrained(folder, state_dict=state))
     if several:
         dist.barrier()

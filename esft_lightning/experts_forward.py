@@ -104,12 +104,13 @@ def esft_experts_forward(
 ) -> torch.Tensor:
     """Experts forward with frozen and trained experts in separate tensors (same math as the stock one).
 
-    A layer without a selection keeps the model's own forward, except transformers' ``grouped_mm``: it runs our
-    grouped path (no trained group) instead, whose backward is deterministic (see ``_split_grouped``).
+    A layer without a selection keeps the model's own forward, except transformers' ``grouped_mm`` on CPU: it runs
+    our grouped path (no trained group) instead, whose backward is deterministic (see ``_rows``). (On CUDA both
+    paths' index ops are atomic unless deterministic algorithms are on, and ours adds a host sync per layer.)
     """
     split = has_split(self)
     base = getattr(self, "_esft_base_impl", None) or "grouped_mm"
-    if not split and base != "grouped_mm":
+    if not split and (base != "grouped_mm" or hidden_states.device.type != "cpu"):
         return base_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     names = expert_param_names(self)
     if base != "eager" and can_use_grouped_mm(hidden_states, *(getattr(self, n) for n in names[:2])):

@@ -24,10 +24,10 @@ from .distributed import (
     shard_model,
     training_memory_bytes,
 )
-from .experts import is_trained_copy, trainable_summary, trained_copies_dtype
-from .models.loading import MODEL_ARGS, load_model, load_tokenizer, param_dtype, resolve_model_path
+from .experts import is_trained_copy, trainable_summary
+from .models.loading import MODEL_ARGS, load_model, load_tokenizer, resolve_model_path
 from .selection import ExpertConfig
-from .selection_spec import restore
+from .selection_spec import restore, selection_entry
 from .sources import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,6 @@ class ESFTModule(L.LightningModule):
         """Several FSDP2 ranks: rank 0 alone holds the full weights until ``configure_model`` shards them."""
         trainer = self._trainer
         return trainer is not None and trainer.world_size > 1 and is_fsdp2(trainer.strategy)
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        """The dtype parameters are built or loaded in (``dtype``, with ``auto`` resolved)."""
-        return param_dtype(self.hparams.dtype)
 
     def setup(self, stage: str) -> None:
         allow_unused_experts_under_ddp(self.trainer.strategy)
@@ -285,17 +280,18 @@ class ESFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         config = self.expert_config
-        checkpoint["esft"] = {
-            "model_type": self.model.config.model_type,
-            "expert_config": None if config is None else config.to_dict(),
-            "trainable_dtype": trained_copies_dtype(self.model),
-        }
+        checkpoint["esft"] = (
+            selection_entry(self.model, config)
+            if config is not None
+            else {"model_type": self.model.config.model_type, "expert_config": None, "trainable_dtype": None}
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint fits this run; apply its expert selection if none is applied yet (``restore``).
 
-        (validate / test / ``load_from_checkpoint`` and ``Trainer.fit(ckpt_path=...)`` without an
-        ExpertSelectionCallback all get the checkpoint's selection here, before its tensors load.)
+        (``load_from_checkpoint``, and validate / test / ``Trainer.fit(ckpt_path=...)`` without an
+        ExpertSelectionCallback on one process, get the checkpoint's selection here, before its tensors load. Under
+        FSDP2 the model is sharded before this hook: set ``trainer.ckpt_path`` first, as ``esft`` does.)
         """
         saved = checkpoint.get("esft")
         if saved is None:

@@ -184,9 +184,7 @@ def _columnar_records(path: Path, cache_dir: str | Path | None) -> Iterator[tupl
                     na_values=[""],
                 )
             for i, row in enumerate(rows):
-                if kind == "CSV":  # a chat in a CSV cell is JSON text
-                    row = {k: _json_cell(v) if k in ("messages", "conversations") else v for k, v in row.items()}
-                yield f"{path}[{i}]", row
+                yield f"{path}[{i}]", row  # (a chat in a CSV cell is JSON text: `normalize` decodes it)
     except (ValueError, OSError, TypeError, KeyError) as err:  # pyarrow.ArrowInvalid is a ValueError
         if isinstance(err, DataError):
             raise
@@ -262,6 +260,9 @@ def normalize(record: Any, where: str, columns: Mapping[str, str] | None = None)
             record.pop(field, None)
         record.update(renamed)
     record = {k: v for k, v in record.items() if v is not None}
+    for chat in ("messages", "conversations"):  # a chat stored as JSON text (a CSV cell), after any renaming
+        if chat in record:
+            record[chat] = _json_cell(record[chat])
     if "messages" in record:
         return {"messages": _clean_messages(record["messages"])}
     if "conversations" in record:

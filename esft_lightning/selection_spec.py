@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -20,10 +20,12 @@ from .placement import Placement, placed_for_profiling
 from .routing import RoutingProfile, profile_routing
 from .selection import ExpertConfig, all_experts, no_experts, random_experts, select_experts
 
-__all__ = ["SCORE_FUNCTIONS", "Decision", "SelectionSpec", "decide", "read_checkpoint_selection", "restore"]
+__all__ = [
+    "SCORE_FUNCTIONS", "Decision", "SelectionSpec", "decide", "read_checkpoint_selection", "restore", "selection_entry",
+]  # fmt: skip
 
 ScoreFunction = Literal["token", "gate", "all", "random", "none"]
-SCORE_FUNCTIONS = ("token", "gate", "all", "random", "none")
+SCORE_FUNCTIONS: tuple[str, ...] = get_args(ScoreFunction)
 PAPER_TOP_P = {"gate": 0.1, "token": 0.2}  # the paper's p for ESFT-Gate and ESFT-Token (random copies token)
 
 
@@ -184,8 +186,9 @@ def restore(model: nn.Module, saved: dict | None, spec: SelectionSpec | None = N
     if current is not None:
         if current.experts != target.experts:
             raise ValueError(
-                "checkpoint was trained with a different expert selection than this run's: resume with the "
-                "checkpoint's expert_cfg.json (ExpertSelectionCallback(expert_config=...)) or start afresh"
+                f"the {'checkpoint' if from_checkpoint is not None else spec.expert_config} selects other experts "
+                "than the ones this model trains: resume with the checkpoint's expert_cfg.json "
+                "(ExpertSelectionCallback(expert_config=...)) or start afresh"
             )
         if saved_dtype is not None and saved_dtype != trained_copies_dtype(model):
             raise ValueError(
@@ -201,6 +204,15 @@ def restore(model: nn.Module, saved: dict | None, spec: SelectionSpec | None = N
         )
     apply(model, target, spec, saved_dtype)
     return target
+
+
+def selection_entry(model: nn.Module, config: ExpertConfig) -> dict[str, Any]:
+    """The ``esft`` entry a checkpoint records: model type, selection and trainable dtype (what ``restore`` reads)."""
+    return {
+        "model_type": model.config.model_type,
+        "expert_config": config.to_dict(),
+        "trainable_dtype": trained_copies_dtype(model),
+    }
 
 
 def read_checkpoint_selection(ckpt_path: str | Path | None) -> dict | None:

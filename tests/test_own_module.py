@@ -241,3 +241,34 @@ def test_example_script_fsdp2_with_prepare_for_sharding(tmp_path):
         abs(reports[0]["optimizer_param_bytes"] - reports[1]["optimizer_param_bytes"])
         <= reports[0]["optimizer_param_bytes"] // 4
     )
+
+
+def test_own_module_checkpoints_carry_the_selection_and_a_resume_checks_it(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(steps: int, selection: ExpertSelectionCallback, ckpt_path: str | None = None) -> L.Trainer:
+        fitted = L.Trainer(
+            accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[selection, ModelCheckpoint(save_last=True)],
+        )  # fmt: skip
+        fitted.fit(Plain(), train_dataloaders=dict_batches(), ckpt_path=ckpt_path)
+        return fitted
+
+    first = ExpertSelectionCallback(max_tokens=512)
+    last = run(2, first).checkpoint_callback.last_model_path
+    saved = torch.load(last, weights_only=True)["esft"]  # written by the callback: Plain has no such hook
+    assert ExpertConfig.from_dict(saved["expert_config"]).experts == first.config.experts
+    assert saved["model_type"] == "qwen3_moe" and saved["trainable_dtype"] == "torch.float32"
+    assert run(4, ExpertSelectionCallback(max_tokens=512), last).global_step == 4  # same selection: resumes
+    other = tmp_path / "other.json"
+    ExpertConfig({0: [0, 1], 1: [2]}).save(other)
+    with pytest.raises(ValueError, match="differs from the selection of the checkpoint"):
+        run(4, ExpertSelectionCallback(expert_config=str(other)), last)
+
+
+def test_model_attr_with_the_model_built_in_configure_model(tmp_path):
+    module = Plain("configure_model", teacher=True)
+    callback = ExpertSelectionCallback(max_tokens=128, model_attr="net")
+    trainer(tmp_path, [callback], steps=1).fit(module, train_dataloaders=dict_batches())
+    assert module.net.esft_expert_config is callback.config
+    assert getattr(module.teacher, "esft_expert_config", None) is None

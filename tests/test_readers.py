@@ -94,6 +94,14 @@ def test_csv_with_prompt_completion_or_text_columns(tmp_path):
     ]
 
 
+def test_csv_chat_column_mapped_by_columns_is_decoded(tmp_path):
+    path = tmp_path / "chats.csv"
+    chat = '[{""role"": ""user"", ""content"": ""hi""}, {""role"": ""assistant"", ""content"": ""yo""}]'
+    path.write_text(f'dialog,id\n"{chat}",1\n')
+    ds = tokenize_source(path, TOK, tmp_path / "c", columns={"messages": "dialog"})
+    assert rendered(ds) == ("<bos>User: hi\n\nAssistant: yo<eos>", " yo<eos>")
+
+
 def test_glob_reads_every_match_and_its_files_key_the_cache(tmp_path):
     (tmp_path / "data").mkdir()
     write_parquet(tmp_path / "data/a.parquet", {"text": ["a0", "a1"]})

@@ -30,6 +30,7 @@ from esft_lightning.selection_spec import (
     decide,
     read_checkpoint_selection,
     restore,
+    selection_entry,
 )
 from esft_lightning.sources import Source
 
@@ -135,8 +136,9 @@ class ExpertSelectionCallback(L.Callback):
         )
 
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module) -> None:
-        """Apply the selection to ``model`` now: the resumed checkpoint's or the explicit config's, else (in fit)
-        profile and select. Idempotent: a model that already has this selection is left as it is."""
+        """Apply the selection to ``model`` now: the checkpoint's (``trainer.ckpt_path``) or the explicit config's,
+        else (in fit) profile and select. A model that already has a selection keeps it (``restore`` checks it
+        against the checkpoint's and the explicit config's), so calling this again does nothing."""
         saved = read_checkpoint_selection(trainer.ckpt_path)  # a resumed run keeps its selection
         had_selection = getattr(model, "esft_expert_config", None) is not None
         config = self.config = restore(model, saved, self.spec)
@@ -190,6 +192,18 @@ class ExpertSelectionCallback(L.Callback):
         )
         return outcome
 
+    # -- checkpoints: the selection travels with them, whatever the LightningModule --------------------
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        model = find_moe_model(pl_module, self.model_attr)
+        config = getattr(model, "esft_expert_config", None)
+        if config is not None:  # (ESFTModule writes the same entry itself)
+            checkpoint.setdefault("esft", selection_entry(model, config))
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        model = find_moe_model(pl_module, self.model_attr)
+        if model is not None and checkpoint.get("esft") is not None:
+            restore(model, checkpoint["esft"], self.spec)  # the checkpoint's selection, or an error naming the mismatch
+
     # -- reporting ---------------------------------------------------------------------------------
     def _report(self, trainer: L.Trainer, config: ExpertConfig, summary: dict) -> None:
         share = summary["trainable_params"] / max(summary["total_params"], 1)
@@ -242,7 +256,9 @@ def prepare_for_sharding(model: nn.Module, trainer: L.Trainer) -> nn.Module:
 
     Selecting experts replaces parameters (small trainable copies join the frozen fused tensors), so under FSDP2
     it must happen before the model is sharded. Uses the Trainer's ``ExpertSelectionCallback`` (profiling on rank
-    0 and broadcasting in fit); without one, applies the selection of the checkpoint being loaded, if any.
+    0 and broadcasting in fit); without one, applies the selection of ``trainer.ckpt_path``, if any. (Lightning
+    sets ``trainer.ckpt_path`` from ``fit/validate/test(ckpt_path=...)`` only after ``configure_model``: set
+    ``trainer.ckpt_path = path`` before the call, as ``esft`` does, for the checkpoint's selection to apply here.)
     Returns ``model``.
     """
     callback = next((cb for cb in trainer.callbacks if isinstance(cb, ExpertSelectionCallback)), None)
@@ -259,6 +275,7 @@ def _overrides_configure_model(pl_module: L.LightningModule) -> bool:
 
 def _after_configure_model(pl_module: L.LightningModule, then: Callable[[], None]) -> None:
     """Run ``then`` right after the module's next ``configure_model`` (inside the strategy's init contexts)."""
+    pl_module.__dict__.pop("configure_model", None)  # a wrapper left by a run that failed before configure_model
     original = pl_module.configure_model
 
     @functools.wraps(original)
@@ -266,7 +283,7 @@ def _after_configure_model(pl_module: L.LightningModule, then: Callable[[], None
         try:
             original()
         finally:
-            del pl_module.configure_model  # back to the class's own method: a later fit wraps it afresh
+            pl_module.__dict__.pop("configure_model", None)  # back to the class's method: a later fit wraps afresh
         then()
 
     pl_module.configure_model = configure_model

@@ -64,13 +64,16 @@ class NonFiniteLossGuard(L.Callback):
             )
         for p in params:
             p.grad = None  # optimizers skip parameters without gradients: no update, no state change
-        # Lightning counts the step and steps the schedulers after this hook whatever happened; remember their
-        # state so on_train_batch_end can take both back.
+        # Lightning counts the step and steps the step-interval schedulers after this hook whatever happened;
+        # remember their state (and their optimizers' lr, momentum, ...) so on_train_batch_end can take both back.
+        # Epoch-interval schedulers are left alone: a skipped step still ends its epoch.
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.interval == "step"]
         self._undo = [
-            [copy.deepcopy(config.scheduler.state_dict()) for config in trainer.lr_scheduler_configs],
+            [(scheduler, copy.deepcopy(scheduler.state_dict())) for scheduler in schedulers],
             [
-                [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in o.param_groups]
-                for o in trainer.optimizers
+                (group, {k: copy.deepcopy(v) for k, v in group.items() if k != "params"})
+                for scheduler in schedulers
+                for group in scheduler.optimizer.param_groups
             ],
         ]
         self.skipped += 1
@@ -89,11 +92,10 @@ class NonFiniteLossGuard(L.Callback):
         if not pl_module.automatic_optimization:  # the module steps its schedulers itself; Lightning counts steps
             _uncount(loop.manual_optimization.optim_step_progress)
             return
-        for config, state in zip(trainer.lr_scheduler_configs, schedulers):
-            config.scheduler.load_state_dict(state)
-        for optimizer, saved in zip(trainer.optimizers, groups):
-            for group, values in zip(optimizer.param_groups, saved):
-                group.update(values)
+        for scheduler, state in schedulers:
+            scheduler.load_state_dict(state)
+        for group, values in groups:
+            group.update(values)
         # The optimizer-step counter behind trainer.global_step (Lightning's loop progress, saved in checkpoints).
         _uncount(loop.automatic_optimization.optim_progress.optimizer.step)
 

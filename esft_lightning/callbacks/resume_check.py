@@ -56,8 +56,11 @@ class ResumeCheck(L.Callback):
         loaded, self._loaded = self._loaded, None
         restored, missing = [], []
         ranks = loaded["rng"]
-        if ranks:
+        if ranks and len(ranks) != trainer.world_size:
             self._rng_to_restore = ranks[min(trainer.global_rank, len(ranks) - 1)]
+            missing.append(f"RNG states: saved by {len(ranks)} ranks, this run has {trainer.world_size}")
+        elif ranks:
+            self._rng_to_restore = ranks[trainer.global_rank]
             restored.append("RNG states (" + ", ".join(sorted(ranks[0])) + ")")
         else:
             missing.append("RNG states: the checkpoint holds none (written without ResumeCheck); random draws differ")

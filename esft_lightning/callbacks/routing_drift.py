@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import torch
@@ -85,20 +86,24 @@ class RoutingDriftCallback(L.Callback):
         self.reference: dict[str, dict[int, torch.Tensor]] = {}
         self.history: list[dict[str, float]] = []
         self._warned = False
+        self._task: Any = None  # the task batches: the same ones at every reading
 
     def _profiles(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, dict[int, torch.Tensor]]:
         dm = trainer.datamodule
-        task = profiling_batches(
-            trainer, pl_module, "RoutingDriftCallback", self.batch_size, profile_data=self.profile_data
-        )
-        loaders = {"task": task}
+        world = trainer.world_size
+        budget = None if self.max_tokens is None else -(-self.max_tokens // world)
+        if self._task is None:
+            self._task = profiling_batches(
+                trainer, pl_module, "RoutingDriftCallback", self.batch_size, profile_data=self.profile_data
+            )
+            if not hasattr(dm, "task_dataloader"):  # a train dataloader may shuffle: keep the first batches read
+                self._task = _first_batches(self._task, budget)
+        loaders = {"task": self._task}
         if self.general and has_general_data(dm):
             loaders["general"] = general_dataloader(dm, self.batch_size)
         elif self.general and not self._warned:
             rank_zero_warn("RoutingDriftCallback: no general data (data.general, general_ratio > 0): task drift only")
             self._warned = True
-        world = trainer.world_size
-        budget = None if self.max_tokens is None else -(-self.max_tokens // world)
         model = moe_model(pl_module, self.model_attr)
         return {
             kind: profile_routing(model, loader, max_tokens=budget, progress=False).token_scores
@@ -106,6 +111,7 @@ class RoutingDriftCallback(L.Callback):
         }
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._task = None
         self.reference = self._profiles(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -119,3 +125,15 @@ class RoutingDriftCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append({"step": trainer.global_step, **metrics})
+
+
+def _first_batches(batches: Any, max_tokens: int | None) -> list[Any]:
+    """The batches until ``max_tokens`` non-padding tokens (all with None), kept so every reading sees the same."""
+    kept, tokens = [], 0
+    for batch in batches:
+        kept.append(batch)
+        mask = batch.get("attention_mask")
+        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if max_tokens is not None and tokens >= max_tokens:
+            break
+    return kept

@@ -92,6 +92,8 @@ class TaskEvalCallback(L.Callback):
         """Run every eval set now; log and record the scores; return ``{eval/<name>/<metric>: value}``."""
         model = moe_model(pl_module, self.model_attr)
         tokenizer = find_tokenizer(trainer, pl_module, self.tokenizer)
+        if isinstance(self.tokenizer, str):
+            self.tokenizer = tokenizer  # loaded from its directory once, not at every evaluation
         metrics: dict[str, float] = {}
         entry: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch, "sets": {}}
         for spec in self.eval_sets:

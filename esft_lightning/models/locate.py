@@ -18,12 +18,15 @@ def find_moe_model(root: nn.Module, model_attr: str | None = None) -> nn.Module 
     ``configure_model``); raises ``ValueError`` naming the candidates when there are several.
     """
     if model_attr:
-        try:
-            model = root.get_submodule(model_attr)
-        except AttributeError:
-            raise ValueError(
-                f"model_attr={model_attr!r}: {type(root).__name__} has no submodule {model_attr!r}"
-            ) from None
+        model = root
+        for name in model_attr.split("."):
+            if not hasattr(model, name):
+                raise ValueError(f"model_attr={model_attr!r}: {type(root).__name__} has no submodule {model_attr!r}")
+            model = getattr(model, name)
+            if model is None:
+                return None  # not built yet (configure_model builds it)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model_attr={model_attr!r}: {type(model).__name__} is not a torch module")
         if not any(is_experts_module(m) for m in model.modules()):
             raise ValueError(
                 f"model_attr={model_attr!r}: {type(model).__name__} holds no MoE experts module (transformers fused "
