@@ -272,3 +272,10 @@ def test_model_attr_with_the_model_built_in_configure_model(tmp_path):
     trainer(tmp_path, [callback], steps=1).fit(module, train_dataloaders=dict_batches())
     assert module.net.esft_expert_config is callback.config
     assert getattr(module.teacher, "esft_expert_config", None) is None
+
+
+def test_profile_data_can_use_the_tokenizers_chat_template(tmp_path):
+    path = str(synthetic_data_path("cipher_train"))
+    callback = ExpertSelectionCallback(max_tokens=256, profile_data=[path], profile_template="model")
+    with pytest.raises(ValueError, match="template is 'model' but tokenizer .* has no chat template"):
+        trainer(tmp_path, [callback], steps=1).fit(Plain(), train_dataloaders=dict_batches(n=4))  # byte tokenizer

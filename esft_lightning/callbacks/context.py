@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from esft_lightning.models import find_moe_model
 from esft_lightning.sources import Source
+from esft_lightning.templates import Template
 
 __all__ = ["find_tokenizer", "moe_model", "profiling_batches", "as_sources"]
 
@@ -79,9 +80,11 @@ def profiling_batches(
     profile_data: Sequence[Source] = (),
     seq_length: int = 1024,
     tokenizer: str | PreTrainedTokenizerBase | None = None,
+    template: Template = "esft",
 ) -> Iterable[Mapping[str, torch.Tensor]]:
     """Task batches to profile routing on, in this order: the datamodule's ``task_dataloader()``; else
-    ``profile_data`` read with ``ESFTDataModule``'s readers and packed to ``seq_length``; else the Trainer's train
+    ``profile_data`` read with ``ESFTDataModule``'s readers, rendered with ``template`` and packed to ``seq_length``;
+    else the Trainer's train
     dataloader, whose batches must be dicts with ``input_ids`` (and ``attention_mask`` when padded).
 
     ``shard``: under torch.distributed each rank reads its share (``False``: all of it, for a rank profiling alone).
@@ -99,6 +102,7 @@ def profiling_batches(
             seq_length=seq_length,
             batch_size=batch_size or 4,
             val_fraction=0.0,
+            template=template,
         )
         data.tokenizer = find_tokenizer(trainer, pl_module, tokenizer)
         return data.task_dataloader(batch_size, shard=shard)

@@ -33,6 +33,7 @@ from esft_lightning.selection_spec import (
     selection_entry,
 )
 from esft_lightning.sources import Source
+from esft_lightning.templates import Template
 
 from .context import as_sources, moe_model, profiling_batches
 
@@ -71,6 +72,8 @@ class ExpertSelectionCallback(L.Callback):
         profile_data: task data to profile when the datamodule has no ``task_dataloader()``: paths or sources,
             read like ``ESFTDataModule``'s. Without it, the Trainer's train dataloader is profiled.
         profile_seq_length: sequence length ``profile_data`` is packed to.
+        profile_template: how ``profile_data`` chats are rendered: ``esft`` (ESFT's format) or ``model`` (the
+            tokenizer's chat template, as a chat model is trained on it).
         tokenizer: tokenizer (or its directory) for ``profile_data``; default the datamodule's, else the module's.
     """
 
@@ -92,6 +95,7 @@ class ExpertSelectionCallback(L.Callback):
         model_attr: str | None = None,
         profile_data: list[Source | str] | None = None,
         profile_seq_length: int = 1024,
+        profile_template: Template = "esft",
         tokenizer: str | PreTrainedTokenizerBase | None = None,
     ) -> None:
         self.spec = SelectionSpec(
@@ -105,7 +109,11 @@ class ExpertSelectionCallback(L.Callback):
             seed=seed,
             placement=placement,
         )
-        self.profile_batch_size, self.model_attr = profile_batch_size, model_attr
+        self.profile_batch_size, self.model_attr, self.profile_template = (
+            profile_batch_size,
+            model_attr,
+            profile_template,
+        )
         self.profile_data, self.profile_seq_length, self.tokenizer = (
             as_sources(profile_data),
             profile_seq_length,
@@ -170,6 +178,7 @@ class ExpertSelectionCallback(L.Callback):
                 self.profile_data,
                 self.profile_seq_length,
                 self.tokenizer,
+                self.profile_template,
             )
 
         if trainer.world_size <= 1:
