@@ -49,10 +49,6 @@ class Source:
         return Path(self.path).stem
 
 
-# (location, normalized record) pairs of a path; kept under this name for the property tests.
-_records = read_records
-
-
 def tokenize_source(
     path: str | os.PathLike,
     tokenizer: PreTrainedTokenizerBase,

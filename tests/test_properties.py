@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from esft_lightning.readers import read_records
 from esft_lightning.selection import ExpertConfig
-from esft_lightning.sources import IGNORE_INDEX, DataError, _records
+from esft_lightning.sources import IGNORE_INDEX, DataError
 from esft_lightning.templates import encode_records, tokenize_messages
 from esft_lightning.tokenizer import byte_tokenizer
 
@@ -42,7 +43,7 @@ records = st.fixed_dictionaries({"messages": messages}) | st.fixed_dictionaries(
 
 
 def read_and_encode(path: Path) -> list:
-    return encode_records(list(_records(path)), TOKENIZER)
+    return encode_records(list(read_records(path)), TOKENIZER)
 
 
 @SETTINGS
