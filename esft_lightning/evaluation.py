@@ -15,6 +15,7 @@ from torchmetrics.functional.text import bleu_score
 from torchmetrics.text import CHRFScore, ROUGEScore
 from transformers import PreTrainedTokenizerBase
 
+from .sharded_generation import GenerationMode, UnshardPolicy, sharded_generation
 from .templates import esft_prompt_text
 
 __all__ = [
@@ -198,21 +199,34 @@ def evaluate_set(
     samples: Sequence[EvalSample],
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    mode: GenerationMode | None = None,
+    unshard: UnshardPolicy = "auto",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate on ``samples`` and score them; returns (scores, per-sample records).
 
-    Under torch.distributed each rank generates every world_size-th sample (shards padded to equal length,
-    so ranks that share weights run the same number of forwards) and the predictions are all-gathered:
-    every rank returns the same scores and records.
+    Under torch.distributed each rank generates every world_size-th sample and the predictions are
+    all-gathered: every rank returns the same scores and records.
+
+    ``mode``: how the model is prepared (``sharded_generation``); None prepares it for this set alone (an
+    FSDP2 model is unsharded once when it fits, see ``unshard``). A caller evaluating several sets opens
+    ``sharded_generation`` once around all of them and passes its mode. In ``"gathered"`` mode the ranks share
+    weights at every forward: shards are padded to equal length and ``generate`` keeps every rank stepping
+    until all are done, so each enters the same collectives.
     """
+    if mode is None:
+        with sharded_generation(model, unshard) as prepared:
+            return evaluate_set(model, tokenizer, samples, max_new_tokens, batch_size, prepared)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
-    per_rank = -(-len(samples) // world)
-    mine = [(i % len(samples)) for i in range(rank, per_rank * world, world)]
-    local = generate(model, tokenizer, [samples[i]["prompt"] for i in mine], max_new_tokens, batch_size, world > 1)
+    lockstep = mode == "gathered" and world > 1
+    # Lockstep: equal shards (padding repeats samples) so every rank runs as many batches. Otherwise a rank
+    # runs only its own samples and stops at its own EOS.
+    end = -(-len(samples) // world) * world if lockstep else len(samples)
+    mine = [(i % len(samples)) for i in range(rank, end, world)]
+    local = generate(model, tokenizer, [samples[i]["prompt"] for i in mine], max_new_tokens, batch_size, lockstep)
     pairs = list(zip(mine, local))
     if world > 1:
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, pairs)
+        dist.all_gather_object(gathered, pairs)  # a host sync: once per set
         pairs = [p for part in gathered for p in part]
     prediction = dict(pairs)  # padding duplicates map to the same sample
     predictions = [prediction[i] for i in range(len(samples))]

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from esft_lightning.evaluation import EvalSample, evaluate_set, load_eval_set
 from esft_lightning.files import atomic_write_text
+from esft_lightning.sharded_generation import UnshardPolicy, sharded_generation
 
 from .context import find_tokenizer, moe_model
 
@@ -35,6 +36,9 @@ class TaskEvalCallback(L.Callback):
         tokenizer: tokenizer (or its directory) to generate with; default the datamodule's, else the module's.
         model_attr: the attribute (dotted path) of the LightningModule holding the model, when it holds several
             MoE models (default: the one found by structure).
+        fsdp_unshard: under FSDP2, ``auto`` gathers the whole model once per evaluation when it fits the
+            device's free memory (no all-gather per new token) and else gathers per layer at every forward;
+            ``always``/``never`` skip the memory check. See ``esft_lightning.sharded_generation``.
 
     Several ranks share the work: each generates its share of every set and the predictions are
     all-gathered (see ``evaluate_set``); rank 0's loggers record the scores and rank 0 writes the file.
@@ -49,6 +53,7 @@ class TaskEvalCallback(L.Callback):
         filename: str = "task_eval.json",
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         model_attr: str | None = None,
+        fsdp_unshard: UnshardPolicy = "auto",
     ) -> None:
         if not eval_sets:
             raise ValueError("TaskEvalCallback needs at least one eval set ({path, name})")
@@ -64,6 +69,9 @@ class TaskEvalCallback(L.Callback):
             raise ValueError(f"TaskEvalCallback eval set names must be distinct, got {names}")
         self.max_new_tokens, self.batch_size, self.max_samples = max_new_tokens, batch_size, max_samples
         self.filename, self.tokenizer, self.model_attr = filename, tokenizer, model_attr
+        if fsdp_unshard not in ("auto", "always", "never"):
+            raise ValueError(f"TaskEvalCallback fsdp_unshard must be 'auto', 'always' or 'never', got {fsdp_unshard!r}")
+        self.fsdp_unshard: UnshardPolicy = fsdp_unshard
         self.samples: dict[str, list[EvalSample]] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -96,20 +104,24 @@ class TaskEvalCallback(L.Callback):
             self.tokenizer = tokenizer  # loaded from its directory once, not at every evaluation
         metrics: dict[str, float] = {}
         entry: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch, "sets": {}}
-        for spec in self.eval_sets:
-            started = time.perf_counter()
-            scores, records = evaluate_set(
-                model, tokenizer, self.samples[spec["name"]], self.max_new_tokens, self.batch_size
-            )
-            seconds = time.perf_counter() - started
-            metrics.update({f"eval/{spec['name']}/{k}": v for k, v in scores.items()})
-            entry["sets"][spec["name"]] = {
-                "path": spec["path"],
-                "scores": scores,
-                "seconds": round(seconds, 3),
-                "samples_per_sec": round(len(records) / max(seconds, 1e-9), 2),
-                "predictions": records,
-            }
+        # FSDP2: one unshard (or none) for all sets, timed apart from the sets.
+        started = time.perf_counter()
+        with sharded_generation(model, self.fsdp_unshard) as mode:
+            entry["generation"] = {"mode": mode, "prepare_seconds": round(time.perf_counter() - started, 3)}
+            for spec in self.eval_sets:
+                started = time.perf_counter()
+                scores, records = evaluate_set(
+                    model, tokenizer, self.samples[spec["name"]], self.max_new_tokens, self.batch_size, mode
+                )
+                seconds = time.perf_counter() - started
+                metrics.update({f"eval/{spec['name']}/{k}": v for k, v in scores.items()})
+                entry["sets"][spec["name"]] = {
+                    "path": spec["path"],
+                    "scores": scores,
+                    "seconds": round(seconds, 3),
+                    "samples_per_sec": round(len(records) / max(seconds, 1e-9), 2),
+                    "predictions": records,
+                }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append(entry)
