@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .models.discovery import decoder_layers
+from .weight_files import WeightFiles
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -73,7 +74,9 @@ def data_parallel_mesh(mesh: Any) -> Any:
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
-def shard_model(model: nn.Module, mesh: Any, bf16_compute: bool, fill_from_rank0: bool = False) -> None:
+def shard_model(
+    model: nn.Module, mesh: Any, bf16_compute: bool, fill_from_rank0: bool = False, files: WeightFiles | None = None
+) -> None:
     """``fully_shard`` every decoder layer, then the rest; frozen experts are sharded like everything else.
 
     With ``bf16_compute`` the layers run in bf16 while the sharded parameters stay in their own dtype, and
@@ -83,6 +86,10 @@ def shard_model(model: nn.Module, mesh: Any, bf16_compute: bool, fill_from_rank0
     device). Each layer is filled from rank 0 right after it is sharded and rank 0 then drops its unsharded
     tensors, so rank 0 never holds more than the loaded model plus one layer's shard, and the other ranks
     allocate only their shards.
+
+    ``files``: every rank built the model on the meta device; once it is sharded each rank allocates its own
+    shards and reads them from the safetensors files (``sharded_loading.fill_from_files``): no rank ever holds
+    the whole model.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -106,6 +113,10 @@ def shard_model(model: nn.Module, mesh: Any, bf16_compute: bool, fill_from_rank0
         rest = [m for m in model.modules() if id(m) not in in_layers]
         _fill_from_rank0(model, rest, full, mesh.device_type)
         _broadcast_unsaved_buffers(model, mesh.device_type)
+    if files is not None:
+        from .sharded_loading import fill_from_files
+
+        fill_from_files(model, files, _device(mesh.device_type))
 
 
 def persistent_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -171,10 +171,11 @@ def _restore_implementation(model: nn.Module) -> None:
 def _install_split(experts: nn.Module, ids: list[int], dtype: torch.dtype | None = None) -> None:
     names = expert_param_names(experts)
     device = getattr(experts, names[0]).device
+    if device.type == "meta":  # a model filled from its files later: the slot maps are needed for real
+        device = torch.device("cpu")
     slots = [-1] * experts.num_experts
     for slot, expert in enumerate(ids):
         slots[expert] = slot
-    # Built from Python lists, so this also works on a meta-device model (FSDP ranks other than 0).
     index = torch.tensor(ids, dtype=torch.long, device=device)
     slot_of_expert = torch.tensor(slots, dtype=torch.long, device=device)
     experts.register_buffer("esft_expert_ids", index, persistent=False)

@@ -28,7 +28,9 @@ from .experts import is_trained_copy, trainable_summary
 from .models.loading import MODEL_ARGS, load_model, load_tokenizer, resolve_model_path
 from .selection import ExpertConfig
 from .selection_spec import restore, selection_entry
+from .sharded_loading import on_meta
 from .sources import IGNORE_INDEX
+from .weight_files import WeightFiles, has_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -94,23 +96,34 @@ class ESFTModule(L.LightningModule):
     def build_model(self) -> nn.Module:
         """Build (or load) the Hugging Face model once (``models.loading.load_model``); later calls return it.
 
-        Under FSDP2 with several ranks only rank 0 reads the checkpoint (or initialises the weights); the
-        other ranks build the same architecture on the meta device, and ``configure_model`` broadcasts rank
-        0's tensors into their shards, so one rank holds the whole model in host memory, not every rank.
+        Under FSDP2 with several ranks no rank holds the whole model: every rank builds it on the meta device,
+        rank 0 profiles with each layer's weights streamed from the safetensors files, and ``configure_model``
+        has every rank read its own shards from the files. Where there are no safetensors files (a random
+        initialisation, ``.bin`` checkpoints) rank 0 loads the whole model and broadcasts it into the shards.
         """
         if self.model is not None:
             return self.model
         self._host_bytes_before_model = current_host_bytes()
+        several = self.sharded_over_ranks
+        from_files = several and has_safetensors(self.model_path)
+        if several and self.global_rank == 0:
+            reason = f"no safetensors files in {self.model_path}" if self.model_path else "a random initialisation"
+            how = (
+                "every rank reads its own shards from the safetensors files"
+                if from_files
+                else f"{reason}: rank 0 builds the whole model and broadcasts it into every rank's shards"
+            )
+            log.info(f"ESFT FSDP loading: {how}")
         self.model = load_model(
             **{name: self.hparams[name] for name in MODEL_ARGS},
             vocab_size=len(self.tokenizer),
-            on_meta=self.loads_on_rank0_only and self.global_rank != 0,
+            on_meta=from_files or (several and self.global_rank != 0),
         )
         return self.model
 
     @property
-    def loads_on_rank0_only(self) -> bool:
-        """Several FSDP2 ranks: rank 0 alone holds the full weights until ``configure_model`` shards them."""
+    def sharded_over_ranks(self) -> bool:
+        """Several FSDP2 ranks: no rank needs the whole model (it is sharded in ``configure_model``)."""
         trainer = self._trainer
         return trainer is not None and trainer.world_size > 1 and is_fsdp2(trainer.strategy)
 
@@ -123,8 +136,8 @@ class ESFTModule(L.LightningModule):
 
         The selection (``prepare_for_sharding``: the ExpertSelectionCallback's, or a loaded checkpoint's) comes
         first, on the unsharded model, so frozen fused experts and the small trainable ones are sharded alike
-        and stay parameters. With several ranks, rank 0's tensors are then broadcast into every rank's shards
-        (see ``build_model``).
+        and stay parameters. With several ranks every rank then reads its shards from the files, or receives
+        them from rank 0 (see ``build_model``).
         """
         model = self.build_model()
         if self._trainer is not None:  # (load_from_checkpoint calls this hook without a Trainer)
@@ -133,7 +146,9 @@ class ESFTModule(L.LightningModule):
         if mesh is None or getattr(model, "_esft_sharded", False):
             return
         dp_mesh = data_parallel_mesh(mesh)
-        shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=self.loads_on_rank0_only)
+        files = WeightFiles(self.model_path, model) if on_meta(model) and has_safetensors(self.model_path) else None
+        rank0 = self.sharded_over_ranks and files is None
+        shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=rank0, files=files)
         model._esft_sharded = True
         local = sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
         full = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..weight_files import has_safetensors
+
 __all__ = ["MODEL_ARGS", "load_model", "load_tokenizer", "resolve_model_path", "param_dtype"]
 
 MODEL_ARGS = (
@@ -66,8 +68,9 @@ def load_model(
     """The Hugging Face MoE causal LM: ``from_pretrained(model)`` (a local directory or ``embedded``), else a
     randomly initialised ``family`` model with ``model_config`` overrides (``vocab_size``: the tokenizer's).
 
-    ``on_meta``: build the same architecture on the meta device, no weights read or allocated (the ranks of
-    an FSDP2 run that receive their shards from rank 0).
+    ``on_meta``: build the same architecture with its parameters on the meta device, no weights read or
+    allocated (FSDP2 ranks, which then read their shards from the files, ``sharded_loading``, or receive them
+    from rank 0); buffers are real, persistent ones read from the directory's safetensors files.
     """
     from . import build_tiny_model, enable_activation_checkpointing, get_family
 
@@ -84,11 +87,20 @@ def load_model(
                 f"model directory {path!r} does not exist (models load from local directories only)"
             )
         if on_meta:
+            from accelerate import init_empty_weights
+
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            with torch.device("meta"):
+            # Parameters on the meta device; buffers (rotary tables) built for real: they are small and
+            # non-persistent ones are in no file.
+            with init_empty_weights(include_buffers=False):
                 built = AutoModelForCausalLM.from_config(
                     config, trust_remote_code=trust_remote_code, dtype=dtype, **extra
                 )
+            if has_safetensors(path):
+                from ..sharded_loading import load_persistent_buffers
+                from ..weight_files import WeightFiles
+
+                load_persistent_buffers(built, WeightFiles(path, built))
         else:
             built = AutoModelForCausalLM.from_pretrained(
                 path, trust_remote_code=trust_remote_code, dtype=dtype, **extra

@@ -1,0 +1,170 @@
+"""Read a model's weights from its safetensors files by parameter name, only the rows asked for."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["WeightFiles", "has_safetensors", "RowsSpec"]
+
+RowsSpec = range | Sequence[int] | None
+"""Rows of dim 0 to read: a range (contiguous: one slice read), a list of indices, or None for all."""
+
+
+def has_safetensors(directory: str | Path | None) -> bool:
+    """Whether ``directory`` holds the model as safetensors files (what ``WeightFiles`` reads per shard)."""
+    return directory is not None and Path(directory).is_dir() and any(Path(directory).glob("*.safetensors"))
+
+
+class WeightFiles(Mapping[str, torch.Tensor]):
+    """The tensors of a model directory's safetensors files, under the model's own parameter names.
+
+    transformers 5 stores fused experts one expert at a time on disk (``experts.0.gate_proj.weight``, ...) and
+    fuses them while loading (``experts.gate_up_proj``, [E, 2F, D]). This reader applies the same conversions
+    (transformers' own weight-conversion mapping for ``model``) to the rows asked for only: ``read(name, rows)``
+    touches just those rows' bytes of the memory-mapped files, so a rank that owns experts 8..15 of a layer never
+    reads experts 0..7, and nothing is held in memory between calls. As a ``Mapping`` (``files[name]``) it serves
+    whole tensors one at a time, which is how profiling streams one layer's weights after another.
+
+    ``model`` only names the parameters (it may live on the meta device). Raises ``FileNotFoundError`` for a
+    directory without safetensors files and ``KeyError`` naming the file for a parameter no file holds.
+    """
+
+    def __init__(self, directory: str | Path, model: nn.Module) -> None:
+        from safetensors import safe_open
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
+
+        self.directory = Path(directory)
+        files = _safetensors_files(self.directory)
+        # safe_open memory-maps the file: opening reads only the header; bytes are read when a slice is indexed.
+        self._handles = {f.name: safe_open(str(f), framework="pt", device="cpu") for f in files}
+        where = {key: name for name, handle in self._handles.items() for key in handle.keys()}
+        aliases = _names_by_tensor(model)
+        wanted = {name for names in aliases for name in names}
+        present = dict.fromkeys(wanted, True)  # (rename_source_key only asks whether a name exists)
+        mapping = get_model_conversion_mapping(model)
+        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+        self._plain: dict[str, tuple[str, str]] = {}  # model name -> (file, key)
+        self._fused: dict[str, tuple[Any, dict[str, list[tuple[str, str]]]]] = {}  # name -> converter, sources
+        self.unused: list[str] = []
+        prefix = getattr(model, "base_model_prefix", None)
+        for key in sorted(where, key=dot_natural_key):  # natural order: expert 2 before expert 10
+            target, pattern = rename_source_key(key, renamings, converters, prefix, present)
+            if target not in present and key in present:
+                target, pattern = key, None
+            if target not in present:
+                self.unused.append(key)
+            elif pattern is None:
+                self._plain[target] = (where[key], key)
+            else:
+                _, sources = self._fused.setdefault(target, (by_pattern[pattern], defaultdict(list)))
+                sources[pattern].append((where[key], key))
+        # Tied parameters (lm_head tied to the embeddings) are stored once, under any of their names.
+        self._alias: dict[str, str] = {}
+        for names in aliases:
+            stored = next((n for n in names if n in self._plain or n in self._fused), None)
+            for name in names:
+                if stored is not None:
+                    self._alias[name] = stored
+        self.missing = sorted(name for name in wanted if name not in self._alias)
+
+    # -- Mapping: whole tensors by name ------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._alias)
+
+    def __len__(self) -> int:
+        return len(self._alias)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._alias
+
+    # -- reading ------------------------------------------------------------------------------------
+    def read(self, name: str, rows: RowsSpec = None) -> torch.Tensor:
+        """Parameter ``name`` (the model's naming) as stored, or only ``rows`` of its dim 0, in the file's dtype."""
+        stored = self._alias.get(name)
+        if stored is None:
+            raise KeyError(f"no safetensors file in {self.directory} holds {name!r}")
+        if stored in self._plain:
+            file, key = self._plain[stored]
+            return _read_rows(self._handles[file].get_slice(key), rows)
+        if rows is not None and len(rows) == 0:  # a rank may own no row of a small tensor
+            return self.read(name, [0])[0:0]
+        converter, sources = self._fused[stored]
+        count = len(next(iter(sources.values())))
+        if rows is not None and any(not 0 <= i < count for i in rows):
+            raise IndexError(f"{name}: rows {rows} out of range, {self.directory} holds {count}")
+        fresh = copy.deepcopy(converter)  # a converter collects tensors: one per read
+        for pattern in fresh.source_patterns:
+            listed = sources.get(pattern, [])
+            for index in range(len(listed)) if rows is None else rows:
+                file, key = listed[index]
+                fresh.add_tensor(stored, key, pattern, lambda f=file, k=key: self._handles[f].get_tensor(k))
+        converted = fresh.convert(stored)
+        value = converted[stored]
+        return value[0] if isinstance(value, list) else value
+
+    def size(self, name: str) -> int:
+        """Number of rows (dim 0) of ``name`` as stored (the number of experts of a fused expert tensor)."""
+        stored = self._alias[name]
+        if stored in self._plain:
+            file, key = self._plain[stored]
+            return self._handles[file].get_slice(key).get_shape()[0]
+        _, sources = self._fused[stored]
+        return len(next(iter(sources.values())))
+
+
+def _read_rows(slice_: Any, rows: RowsSpec) -> torch.Tensor:
+    if rows is None:
+        return slice_[:]
+    if isinstance(rows, range) and rows.step == 1:
+        return slice_[rows.start : rows.stop]
+    if len(rows) == 0:
+        return slice_[0:0]
+    return torch.cat([slice_[i : i + 1] for i in rows])
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    """The files of a checkpoint: the index's list when there is one (sharded saves), else every *.safetensors."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} has no *.safetensors files")
+    return files
+
+
+def _names_by_tensor(model: nn.Module) -> list[list[str]]:
+    """Every parameter and persistent buffer, grouped by tensor: a tied weight has several names."""
+    groups: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        tensors = list(module.named_parameters(recurse=False)) + [
+            (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
+        ]
+        for name, tensor in tensors:
+            if tensor is None:
+                continue
+            names = groups.setdefault(id(tensor), [])
+            if prefix + name not in names:
+                names.append(prefix + name)
+    return list(groups.values())
