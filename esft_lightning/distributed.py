@@ -76,7 +76,7 @@ def data_parallel_mesh(mesh: Any) -> Any:
 
 def shard_model(
     model: nn.Module, mesh: Any, bf16_compute: bool, fill_from_rank0: bool = False, files: WeightFiles | None = None
-) -> None:
+) -> int:
     """``fully_shard`` every decoder layer, then the rest; frozen experts are sharded like everything else.
 
     With ``bf16_compute`` the layers run in bf16 while the sharded parameters stay in their own dtype, and
@@ -89,7 +89,7 @@ def shard_model(
 
     ``files``: every rank built the model on the meta device; once it is sharded each rank allocates its own
     shards and reads them from the safetensors files (``sharded_loading.fill_from_files``): no rank ever holds
-    the whole model.
+    the whole model. Returns the parameter bytes this rank read from ``files`` (0 without).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -113,10 +113,11 @@ def shard_model(
         rest = [m for m in model.modules() if id(m) not in in_layers]
         _fill_from_rank0(model, rest, full, mesh.device_type)
         _broadcast_unsaved_buffers(model, mesh.device_type)
-    if files is not None:
-        from .sharded_loading import fill_from_files
+    if files is None:
+        return 0
+    from .sharded_loading import fill_from_files
 
-        fill_from_files(model, files, _device(mesh.device_type))
+    return fill_from_files(model, files, _device(mesh.device_type))
 
 
 def persistent_state(model: nn.Module) -> dict[str, torch.Tensor]:

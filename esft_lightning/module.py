@@ -148,7 +148,7 @@ class ESFTModule(L.LightningModule):
         dp_mesh = data_parallel_mesh(mesh)
         files = WeightFiles(self.model_path, model) if on_meta(model) and has_safetensors(self.model_path) else None
         rank0 = self.sharded_over_ranks and files is None
-        shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=rank0, files=files)
+        read = shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=rank0, files=files)
         model._esft_sharded = True
         local = sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
         full = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -157,6 +157,7 @@ class ESFTModule(L.LightningModule):
         log.info(
             f"ESFT FSDP rank {self.global_rank}: parameter bytes {local} local of {full} ({local / full:.3f}); "
             f"peak host memory above baseline {above} bytes ({above / full:.2f}x the model)"
+            + (f"; {read} bytes read from the safetensors files" if files is not None else "")
         )
 
     @property

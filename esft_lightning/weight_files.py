@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["WeightFiles", "has_safetensors", "RowsSpec"]
+__all__ = ["RowsSpec", "SafetensorsFile", "WeightFiles", "has_safetensors"]
 
 RowsSpec = range | Sequence[int] | None
 """Rows of dim 0 to read: a range (contiguous: one slice read), a list of indices, or None for all."""
@@ -38,7 +38,6 @@ class WeightFiles(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, directory: str | Path, model: nn.Module) -> None:
-        from safetensors import safe_open
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
             WeightConverter,
@@ -49,8 +48,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
 
         self.directory = Path(directory)
         files = _safetensors_files(self.directory)
-        # safe_open memory-maps the file: opening reads only the header; bytes are read when a slice is indexed.
-        self._handles = {f.name: safe_open(str(f), framework="pt", device="cpu") for f in files}
+        self._handles = {f.name: SafetensorsFile(f) for f in files}
         where = {key: name for name, handle in self._handles.items() for key in handle.keys()}
         aliases = _names_by_tensor(model)
         wanted = {name for names in aliases for name in names}
@@ -104,7 +102,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
             raise KeyError(f"no safetensors file in {self.directory} holds {name!r}")
         if stored in self._plain:
             file, key = self._plain[stored]
-            return _read_rows(self._handles[file].get_slice(key), rows)
+            return self._handles[file].read(key, rows)
         if rows is not None and len(rows) == 0:  # a rank may own no row of a small tensor
             return self.read(name, [0])[0:0]
         converter, sources = self._fused[stored]
@@ -116,7 +114,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
             listed = sources.get(pattern, [])
             for index in range(len(listed)) if rows is None else rows:
                 file, key = listed[index]
-                fresh.add_tensor(stored, key, pattern, lambda f=file, k=key: self._handles[f].get_tensor(k))
+                fresh.add_tensor(stored, key, pattern, lambda f=file, k=key: self._handles[f].read(k))
         converted = fresh.convert(stored)
         value = converted[stored]
         return value[0] if isinstance(value, list) else value
@@ -126,19 +124,75 @@ class WeightFiles(Mapping[str, torch.Tensor]):
         stored = self._alias[name]
         if stored in self._plain:
             file, key = self._plain[stored]
-            return self._handles[file].get_slice(key).get_shape()[0]
+            return self._handles[file].shape(key)[0]
         _, sources = self._fused[stored]
         return len(next(iter(sources.values())))
 
 
-def _read_rows(slice_: Any, rows: RowsSpec) -> torch.Tensor:
-    if rows is None:
-        return slice_[:]
-    if isinstance(rows, range) and rows.step == 1:
-        return slice_[rows.start : rows.stop]
-    if len(rows) == 0:
-        return slice_[0:0]
-    return torch.cat([slice_[i : i + 1] for i in rows])
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class SafetensorsFile:
+    """One safetensors file read with plain file reads, a byte range per run of rows.
+
+    Why not ``safetensors.safe_open``: it memory-maps the file, and every page a rank reads then counts in its
+    resident memory until the file is closed, so reading a rank's shards tensor after tensor would show as the
+    shards twice over. A safetensors file is an 8-byte header length, a JSON header (dtype, shape, byte offsets
+    per tensor) and the C-contiguous tensors, so rows ``a..b`` of dim 0 are one contiguous byte range.
+    """
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        self.path, self._data_start, self._header = path, 8 + length, header
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._header[key]["shape"])
+
+    def read(self, key: str, rows: RowsSpec = None) -> torch.Tensor:
+        """Tensor ``key``, or only ``rows`` of its dim 0, in the stored dtype."""
+        entry = self._header[key]
+        dtype, shape = _DTYPES[entry["dtype"]], list(entry["shape"])
+        start, end = entry["data_offsets"]
+        if rows is None or not shape:
+            count, runs = (shape[0] if shape else 1), [(0, shape[0] if shape else 1)]
+        else:
+            rows = list(rows)
+            count, runs = len(rows), _runs(rows)
+        row_bytes = (end - start) // max(shape[0] if shape else 1, 1)
+        buffer = bytearray(count * row_bytes)
+        view, filled = memoryview(buffer), 0
+        with open(self.path, "rb", buffering=0) as f:
+            for first, stop in runs:
+                f.seek(self._data_start + start + first * row_bytes)
+                want = (stop - first) * row_bytes
+                while want:
+                    got = f.readinto(view[filled : filled + want])
+                    if not got:
+                        raise OSError(f"{self.path}: truncated file while reading {key}")
+                    filled, want = filled + got, want - got
+        out = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        return out.reshape([count, *shape[1:]] if shape else [])
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Consecutive rows as (first, stop) runs, in the order given: [3, 4, 5, 9] -> [(3, 6), (9, 10)]."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
