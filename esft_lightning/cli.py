@@ -1,4 +1,4 @@
-"""The `esft` command: LightningCLI (fit / validate / test) plus `profile`, `select`, `merge` and `eval`."""
+"""The `esft` command: LightningCLI (fit / validate / test) plus `profile`, `select`, `merge`, `eval` and `plan`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -21,11 +21,17 @@ __all__ = ["ESFTCLI", "main", "make_cli", "resolve_ckpt_path"]
 if TYPE_CHECKING:
     import lightning as L
 
-TOOLS = ("profile", "select", "merge", "eval")
+TOOLS = ("profile", "select", "merge", "eval", "plan")
 
 
 class ESFTCLI(LightningCLI):
-    """LightningCLI over ESFTModule / ESFTDataModule; resumes reuse the checkpoint's expert selection."""
+    """LightningCLI over ESFTModule / ESFTDataModule; resumes reuse the checkpoint's expert selection; `fit` checks
+    the memory plan (``--plan.*``) before anything is loaded."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        from .planning import PlanOptions
+
+        parser.add_class_arguments(PlanOptions, "plan", instantiate=False)
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -48,6 +54,7 @@ class ESFTCLI(LightningCLI):
     def before_fit(self) -> None:
         from .callbacks import ResumeCheck
 
+        check_memory_plan(self.trainer, self.model, self.datamodule, self.config[self.subcommand])
         self._pin_ckpt_path()
         if not any(isinstance(cb, ResumeCheck) for cb in self.trainer.callbacks):
             # first, so it restores the RNG states before any other callback draws; every checkpoint holds them
@@ -72,7 +79,29 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> ESFTCLI:
     )
 
 
+class _ParsedCLI(ESFTCLI):
+    """The parsed config of `esft fit|...` (defaults, files, overrides) with nothing instantiated: no Trainer for N
+    GPUs on a machine without them, no tokenizer, no model."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def after_instantiate_classes(self) -> None:
+        pass
+
+
+def parse_config(args: list[str]) -> Any:
+    """`esft fit`'s configuration (a jsonargparse Namespace: trainer, model, data, plan) parsed, not instantiated."""
+    return _ParsedCLI(ESFTModule, ESFTDataModule, args=args, run=False, parser_kwargs={"default_env": False}).config
+
+
 def _tool_main(command: str, argv: list[str]) -> None:
+    if command == "plan":
+        _plan_main(argv)
+        return
     if command == "eval":
         from .eval_command import eval_main
 
@@ -160,6 +189,148 @@ def configured_spec(trainer: L.Trainer, overrides: dict) -> tuple[SelectionSpec,
         expert_config=None,  # profile / select always profile
     )
     return spec, None if found is None else found.profile_batch_size
+
+
+def _plan_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="esft plan", description="Memory per GPU of `esft fit` with the same arguments, from config.json alone."
+    )
+    parser.add_argument("--expert_config", default=None, help="an expert_cfg.json: exact trainable sizes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    ns, rest = parser.parse_known_args(argv)
+    from .planning import build_meta_model, format_plan, plan_memory
+
+    load_args, request = plan_inputs(parse_config(rest))
+    if ns.expert_config:
+        from .selection import ExpertConfig
+
+        request.expert_config = ExpertConfig.load(ns.expert_config)
+    plan = plan_memory(build_meta_model(**load_args), request)
+    print(json.dumps(plan.to_dict(), indent=1) if ns.json else format_plan(plan))
+
+
+def plan_inputs(config: Any, trainer: L.Trainer | None = None, module: Any = None) -> tuple[dict, Any]:
+    """``load_model`` arguments and a ``PlanRequest`` from a parsed `esft fit` config; with the run's ``trainer``
+    (and module) the world size, strategy, device and dtype are the ones it resolved, else read from the config
+    (``devices: auto`` counts the CUDA GPUs here, 1 without any)."""
+    import torch
+
+    from .models.loading import MODEL_ARGS, load_tokenizer, resolve_model_path
+    from .planning import PlanRequest, parse_bytes
+
+    model, data, tr = config.model, config.data, config.trainer
+    load_args = {name: model[name] for name in MODEL_ARGS}
+    on_cpu = str(tr.accelerator) == "cpu" if trainer is None else trainer.strategy.root_device.type != "cuda"
+    if trainer is None and load_args["dtype"] == "auto":
+        load_args["dtype"] = "float32" if on_cpu else "bfloat16"  # what `auto` loads where the run is planned for
+    tokenizer = module.tokenizer if module is not None and hasattr(module, "tokenizer") else None
+    if tokenizer is None and not load_args["model"]:  # a built model's vocabulary is its tokenizer's
+        tokenizer = load_tokenizer(model.tokenizer, resolve_model_path(model.model, model.family))
+    if tokenizer is not None:
+        load_args["vocab_size"] = len(tokenizer)
+    if trainer is not None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        from .distributed import is_fsdp2
+
+        world, per_node = trainer.world_size, trainer.num_devices
+        strategy = (
+            "fsdp2" if is_fsdp2(trainer.strategy) else "ddp" if isinstance(trainer.strategy, DDPStrategy) else "single"
+        )
+    else:
+        per_node = _device_count(tr.devices, on_cpu)
+        world = per_node * int(tr.num_nodes or 1)
+        strategy = _strategy_name(tr.strategy, world)
+    precision = str(tr.precision or "")
+    compute = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else None
+    if strategy == "fsdp2" and model.get("fsdp_bf16"):
+        compute = torch.bfloat16
+    spec, profile_batch = _selection_spec(tr.callbacks, trainer)
+    device_memory = parse_bytes(config.plan.device_memory) if config.get("plan") else None
+    if device_memory is None and trainer is not None and not on_cpu:
+        device_memory = torch.cuda.get_device_properties(trainer.strategy.root_device).total_memory
+    request = PlanRequest(
+        world_size=world, strategy=strategy, micro_batch=int(data.batch_size), seq_length=int(data.seq_length),
+        activation_checkpointing=bool(model.activation_checkpointing), compute_dtype=compute, spec=spec,
+        profile_batch=profile_batch or int(data.batch_size), device_memory=device_memory, devices_per_node=per_node,
+    )  # fmt: skip
+    return load_args, request
+
+
+def _device_count(devices: Any, on_cpu: bool) -> int:
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    if devices in (None, "auto", -1, "-1"):
+        import torch
+
+        return 1 if on_cpu else max(1, torch.cuda.device_count())
+    return int(devices)
+
+
+def _strategy_name(strategy: Any, world: int) -> str:
+    name = strategy.get("class_path", "") if hasattr(strategy, "get") else str(strategy or "auto")
+    name = name.rsplit(".", 1)[-1].lower()
+    if name in ("fsdp2strategy", "modelparallelstrategy", "model_parallel", "fsdp", "fsdpstrategy"):
+        return "fsdp2"
+    if name.startswith("ddp") or world > 1:  # Lightning's `auto` on several devices is DDP
+        return "ddp"
+    return "single"
+
+
+def _selection_spec(callbacks: Any, trainer: L.Trainer | None) -> tuple[SelectionSpec, int | None]:
+    """The ExpertSelectionCallback's spec (the run's instance, or its config entry), and its profiling batch size."""
+    from dataclasses import fields
+
+    if trainer is not None:
+        from .callbacks import ExpertSelectionCallback
+
+        found = next((cb for cb in trainer.callbacks if isinstance(cb, ExpertSelectionCallback)), None)
+        return (found.spec, found.profile_batch_size) if found is not None else (SelectionSpec(), None)
+    for entry in callbacks or []:
+        if hasattr(entry, "get") and str(entry.get("class_path", "")).endswith("ExpertSelectionCallback"):
+            args = dict(entry.get("init_args") or {})
+            names = {f.name for f in fields(SelectionSpec)} - {"placement"}
+            return SelectionSpec(**{k: v for k, v in args.items() if k in names}), args.get("profile_batch_size")
+    return SelectionSpec(), None
+
+
+class MemoryPlanError(RuntimeError):
+    """`esft fit` cannot fit its device memory (``--plan.strict false`` makes it a warning)."""
+
+
+def check_memory_plan(trainer: L.Trainer, module: Any, datamodule: Any, config: Any) -> None:
+    """Plan the run before anything is loaded (on GPU, or wherever ``plan.device_memory`` is set); raise
+    ``MemoryPlanError`` naming the shortfall and the cheapest fix when it cannot fit (a warning when not strict)."""
+    options = config.get("plan")
+    if options is None or not options.check or not isinstance(module, ESFTModule):
+        return
+    if options.device_memory is None and trainer.strategy.root_device.type != "cuda":
+        return  # nothing to plan against on CPU
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+    from .planning import GiB, build_meta_model, plan_memory
+
+    load_args, request = plan_inputs(config, trainer, module)
+    plan = plan_memory(build_meta_model(**load_args), request)
+    need = max(plan.per_rank.total_bytes, plan.profiling_bytes) / GiB
+    head = (
+        f"ESFT plan: {need:.2f} GiB per rank ({request.world_size} rank(s), {request.strategy}, micro-batch "
+        f"{request.micro_batch} x {request.seq_length}; trainable sizes {plan.selection['kind']})"
+    )
+    if plan.fits:
+        rank_zero_info(f"{head}: fits in {request.device_memory / GiB:.2f} GiB")
+        return
+    message = (
+        f"{head} does not fit the device's {request.device_memory / GiB:.2f} GiB: short by "
+        f"{plan.shortfall_bytes / GiB:.2f} GiB. Cheapest fix: {plan.fixes[0]}"
+        + (f" (or: {'; '.join(plan.fixes[1:])})" if len(plan.fixes) > 1 else "")
+        + ". `esft plan` with the same arguments prints the breakdown; --plan.strict false runs anyway."
+    )
+    if options.strict:
+        raise MemoryPlanError(message)
+    rank_zero_warn(message)
 
 
 def main(argv: list[str] | None = None) -> None:

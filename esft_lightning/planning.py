@@ -1,0 +1,442 @@
+"""Memory per GPU from a model's config alone: weights, trainable copies, gradients, AdamW state, activations.
+
+The model is built on the meta device (no weights read or allocated), the expert selection is applied to it with
+esft_lightning's own functions, and every byte count follows from the tensors' shapes and dtypes and from how each
+strategy places them: FSDP2 shards every parameter on dim 0 over the world (``torch.chunk``: the first ranks hold
+the larger chunks), DDP keeps a full copy per rank. Weights, gradients and optimizer state are exact for a given
+selection; activations are an estimate (see ``activation_bytes``). ``esft plan`` prints it; ``esft fit`` checks it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import decoder_layers, find_moe_layers
+from .selection import ExpertConfig, all_experts, no_experts
+from .selection_spec import SelectionSpec, apply, trainable_dtype
+
+__all__ = [
+    "DEVICES", "HEADROOM", "Plan", "PlanOptions", "PlanRequest", "RankMemory", "build_meta_model", "parse_bytes",
+    "plan_memory", "selection_bound",
+]  # fmt: skip
+
+GiB = 2**30
+DEVICES = {"H100-80GB": 81559 * 2**20, "H200-141GB": 143771 * 2**20, "A100-80GB": 81920 * 2**20}
+"""Device memory as ``torch.cuda.get_device_properties().total_memory`` reports it."""
+HEADROOM = 0.9
+"""Share of device memory a plan may fill: the rest is the CUDA context, NCCL buffers, allocator fragmentation."""
+STRATEGIES = ("fsdp2", "ddp", "single")
+
+
+@dataclass
+class PlanOptions:
+    """``esft fit``'s memory check (``--plan.*``), run before anything is loaded."""
+
+    check: bool = True
+    """Plan at start-up on GPU (or wherever ``device_memory`` is given) and refuse a run that cannot fit."""
+    strict: bool = True
+    """``false``: a run that does not fit is only warned about."""
+    device_memory: int | float | str | None = None
+    """Bytes per device to plan against (``80GiB``, ``141GB``, ``H100-80GB``, a number of bytes); default: the
+    GPU's own memory, and no check on CPU."""
+
+
+@dataclass
+class PlanRequest:
+    """What a run does with the model: how many ranks, which strategy, what a micro-batch is, which selection."""
+
+    world_size: int = 1
+    strategy: str = "fsdp2"
+    """``fsdp2`` (every parameter sharded on dim 0), ``ddp`` (a full copy per rank) or ``single`` (one device)."""
+    micro_batch: int = 1
+    seq_length: int = 2048
+    activation_checkpointing: bool = False
+    compute_dtype: torch.dtype | None = None
+    """dtype activations are computed in (``fsdp_bf16``, autocast); None: the model's."""
+    spec: SelectionSpec = field(default_factory=SelectionSpec)
+    expert_config: ExpertConfig | None = None
+    """The selection, exact; None: ``spec.expert_config``'s file, else a bound from ``spec`` (``selection_bound``)."""
+    profile_batch: int | None = None
+    device_memory: int | None = None
+    devices_per_node: int = 8
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+
+
+@dataclass
+class RankMemory:
+    """Bytes one rank holds (the largest rank under FSDP2). ``params_bytes`` counts trainable copies too."""
+
+    params_bytes: int
+    trainable_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    """For the request's ``activation_checkpointing``; the two settings are also given apart below."""
+    activations_no_checkpointing_bytes: int
+    activations_checkpointing_bytes: int
+    comm_bytes: int
+    """FSDP2: the unsharded root group plus two layers gathered (prefetch) and one layer's unsharded gradients;
+    DDP: its gradient buckets (a second copy of the gradients)."""
+    total_bytes: int
+
+
+@dataclass
+class _Tensor:
+    shape: tuple[int, ...]
+    itemsize: int
+    trainable: bool
+    group: str
+    """FSDP2 unit: ``layer.<i>`` or ``root``."""
+
+    def local_bytes(self, world: int, rank: int, sharded: bool) -> int:
+        rows = self.shape[0] if self.shape else 1
+        if sharded and self.shape:  # fully_shard: torch.chunk on dim 0
+            chunk = -(-rows // world)
+            rows = max(0, min(chunk, rows - rank * chunk))
+        return rows * math.prod(self.shape[1:]) * self.itemsize
+
+
+@dataclass
+class Plan:
+    """``plan_memory``'s answer: per-rank bytes for the request and side by side (ESFT and full fine-tuning under
+    FSDP2 and DDP), whether it fits, and the cheapest fix when it does not."""
+
+    request: PlanRequest
+    model_type: str
+    total_params: int
+    selection: dict[str, Any]
+    per_rank: RankMemory
+    scenarios: dict[str, RankMemory]
+    by_rank: list[dict[str, int]]
+    profiling_bytes: int
+    fits: bool | None
+    fixes: list[str]
+
+    @property
+    def shortfall_bytes(self) -> int:
+        """Bytes over the usable device memory (0 when it fits or the device is unknown)."""
+        if self.request.device_memory is None:
+            return 0
+        return max(0, max(self.per_rank.total_bytes, self.profiling_bytes) - usable(self.request.device_memory))
+
+    def to_dict(self) -> dict[str, Any]:
+        """One JSON-ready object (``esft plan --json``)."""
+        r = self.request
+        return {
+            "model_type": self.model_type, "total_params": self.total_params, "strategy": r.strategy,
+            "world_size": r.world_size, "micro_batch": r.micro_batch, "seq_length": r.seq_length,
+            "activation_checkpointing": r.activation_checkpointing,
+            "compute_dtype": str(r.compute_dtype) if r.compute_dtype else None,
+            "selection": self.selection, "per_rank": asdict(self.per_rank),
+            "scenarios": {k: asdict(v) for k, v in self.scenarios.items()}, "by_rank": self.by_rank,
+            "profiling_bytes": self.profiling_bytes, "device_memory_bytes": r.device_memory,
+            "usable_device_bytes": None if r.device_memory is None else usable(r.device_memory),
+            "fits": self.fits, "shortfall_bytes": self.shortfall_bytes, "fixes": self.fixes,
+        }  # fmt: skip
+
+
+def usable(device_memory: int) -> int:
+    return int(device_memory * HEADROOM)
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """``80GiB`` / ``141GB`` / ``512MiB`` / ``H100-80GB`` / a number -> bytes (None stays None)."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else int(value)
+    named = {k.lower(): v for k, v in DEVICES.items()} | {k.split("-")[0].lower(): v for k, v in DEVICES.items()}
+    if value.strip().lower() in named:
+        return named[value.strip().lower()]
+    match = re.fullmatch(r"\s*([\d.]+(?:e\d+)?)\s*([kmgt]i?b?|b)?\s*", value, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"device memory {value!r}: expected bytes, a size such as 80GiB or 141GB, or {list(DEVICES)}")
+    unit = (match.group(2) or "b").lower().rstrip("b") or "b"
+    scale = {"b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    return int(float(match.group(1)) * scale[unit])
+
+
+def build_meta_model(**load_args: Any) -> nn.Module:
+    """The run's model on the meta device: ``models.loading.load_model(..., on_meta=True)`` (config.json only)."""
+    from .models.loading import load_model
+
+    return load_model(**{**load_args, "on_meta": True})
+
+
+def selection_bound(model: nn.Module, spec: SelectionSpec) -> tuple[ExpertConfig, str]:
+    """The largest selection ``spec`` can make on ``model`` without profiling, and what kind of number it gives.
+
+    ESFT-Token's scores of a layer sum to 1, so its top-p selection never needs more than ceil(p x E) experts (the
+    top k experts hold at least k/E of the mass): a bound. ESFT-Gate's scores sum to the mean top-K affinity mass,
+    not 1: the same count is only an estimate there. ``all`` and ``none`` are exact.
+    """
+    num_experts = {layer.index: layer.num_experts for layer in find_moe_layers(model)}
+    flags = spec.flags
+    if spec.score_function == "all":
+        return all_experts(num_experts, **flags), "exact"
+    if spec.score_function == "none":
+        return no_experts(num_experts, **flags), "exact"
+    experts = {i: list(range(min(n, math.ceil(spec.p * n - 1e-9)))) for i, n in num_experts.items()}
+    return ExpertConfig(experts, **flags), "bound" if spec.score_function != "gate" else "estimate"
+
+
+def _group_of(model: nn.Module) -> dict[int, str]:
+    group: dict[int, str] = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for p in layer.parameters():
+            group[id(p)] = f"layer.{i}"
+    return group
+
+
+def _tensors(model: nn.Module, dtype: torch.dtype | None = None, train_all: bool = False) -> list[_Tensor]:
+    group = _group_of(model)
+    out = []
+    for p in model.parameters():
+        itemsize = (dtype or p.dtype).itemsize if p.is_floating_point() else p.element_size()
+        trainable = (train_all and p.is_floating_point()) or p.requires_grad
+        out.append(_Tensor(tuple(p.shape), itemsize, trainable, group.get(id(p), "root")))
+    return out
+
+
+def activation_bytes(model: nn.Module, tokens: int, itemsize: int, checkpointing: bool) -> int:
+    """Estimated peak activation bytes of one training micro-batch of ``tokens`` tokens on one rank.
+
+    Per token and decoder layer (elements), as the saved-for-backward tensors of transformers' layers add up
+    (checked against them in tests/test_planning.py): the two norms' inputs (2H); attention: twice each input
+    projection's output (the output and what rotary, head reshapes and memory-efficient attention save; no T x T
+    scores) plus the output projection's input; an MoE layer: router logits and probabilities (E each, fp32), for
+    each of the top-k routed pairs the gathered input, gate/up output, activation, down input and output
+    (2H + 4I; 2H + 8I for gpt_oss's clamped, biased experts), and 3 I_shared for shared experts; a dense MLP 3I.
+    The head: logits, log-softmax and a gradient (12 bytes per vocabulary entry). With activation checkpointing
+    only each layer's input is kept, plus one layer recomputed in backward. Against the peak a CPU forward and
+    backward measures (tests/test_planning.py) this errs high by 1.1-1.8x, never low.
+    """
+    hidden = model.config.get_text_config().hidden_size
+    moe = {layer.index: layer for layer in find_moe_layers(model)}
+    per_layer = []
+    for i, layer in enumerate(decoder_layers(model)):
+        attention = next((m for n, m in layer.named_children() if "attn" in n or "attention" in n), None)
+        linears = [m for m in attention.modules() if isinstance(m, nn.Linear)] if attention is not None else []
+        # the projection back to the residual stream saves its input; every other projection its output, twice
+        elements = 2 * hidden + sum(m.in_features if m.out_features == hidden else 2 * m.out_features for m in linears)
+        if i in moe:
+            down = moe[i].experts.down_proj
+            width = down.numel() // (down.shape[0] * hidden)
+            # clamped, biased GLU experts (gpt_oss) save about twice the intermediates of a plain SwiGLU
+            per_pair = 2 * hidden + (8 if getattr(moe[i].experts, "has_bias", False) else 4) * width
+            elements += 2 * moe[i].num_experts * 4 // itemsize + moe[i].top_k * per_pair
+            shared = sum(p.numel() for m in moe[i].shared for p in m.parameters() if p.dim() == 2)
+            elements += shared // hidden  # 3 I_shared: gate, up and activation outputs of a 3-matrix MLP
+        else:
+            mlp = getattr(layer, "mlp", None)
+            elements += sum(p.numel() for p in mlp.parameters() if p.dim() == 2) // hidden if mlp is not None else 0
+        per_layer.append(elements)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    widest = max(per_layer, default=0)
+    if checkpointing:
+        body = (len(per_layer) * hidden + widest) * itemsize
+    else:
+        body = sum(per_layer) * itemsize
+    return tokens * (body + 12 * vocab)
+
+
+def _profiling_bytes(model: nn.Module, tensors: list[_Tensor], tokens: int, itemsize: int) -> int:
+    """Rank 0's GPU peak while profiling with weights streamed one module at a time (the placement's worst case:
+    a model that fits is moved whole, which it then does): the largest layer plus a no-grad layer's working set."""
+    by_group: dict[str, int] = {}
+    for t in tensors:
+        by_group[t.group] = by_group.get(t.group, 0) + t.local_bytes(1, 0, False)
+    layers = [v for k, v in by_group.items() if k != "root"] or [0]
+    hidden = model.config.get_text_config().hidden_size
+    widest = max((layer.top_k * 4 * (layer.experts.down_proj.numel() // layer.num_experts) // hidden for layer in
+                  find_moe_layers(model)), default=0)  # fmt: skip
+    return max(layers) + tokens * (6 * hidden + widest) * itemsize
+
+
+def _rank_memory(
+    tensors: list[_Tensor], strategy: str, world: int, rank: int, activations: tuple[int, int], checkpointing: bool
+) -> RankMemory:
+    sharded = strategy == "fsdp2"
+    params = sum(t.local_bytes(world, rank, sharded) for t in tensors)
+    trainable = sum(t.local_bytes(world, rank, sharded) for t in tensors if t.trainable)
+    optimizer = 2 * trainable  # AdamW: exp_avg and exp_avg_sq, each like the parameter
+    if sharded:
+        groups: dict[str, list[int]] = {}
+        for t in tensors:
+            full = t.local_bytes(1, 0, False)
+            entry = groups.setdefault(t.group, [0, 0])
+            entry[0] += full
+            entry[1] += full if t.trainable else 0
+        root = groups.pop("root", [0, 0])
+        layer_params = max((v[0] for v in groups.values()), default=0)
+        layer_grads = max((v[1] for v in groups.values()), default=0)
+        comm = root[0] + root[1] + 2 * layer_params + layer_grads
+    else:
+        comm = trainable if strategy == "ddp" else 0
+    acts = activations[1] if checkpointing else activations[0]
+    total = params + trainable + optimizer + acts + comm
+    return RankMemory(params, trainable, trainable, optimizer, acts, activations[0], activations[1], comm, total)
+
+
+def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
+    """Plan ``request`` on ``model`` (a meta-device model from ``build_meta_model``; the selection is applied to it).
+
+    ESFT: the request's selection (``expert_config`` exact, else ``selection_bound``) applied with the spec's
+    trainable dtype (float32 copies of 16-bit experts by default). Full fine-tuning: every parameter trained in
+    that dtype too (float32 for a 16-bit model), the same precision policy.
+    """
+    spec = request.spec
+    config, kind = request.expert_config, "exact"
+    if config is None and spec.expert_config:
+        config = ExpertConfig.load(spec.expert_config)
+    if config is None:
+        config, kind = selection_bound(model, spec)
+    if getattr(model, "esft_expert_config", None) is None:
+        fft_dtype = trainable_dtype(model, replace(config, shared_experts=False, non_expert_modules=False), spec)
+        fft = _tensors(model, fft_dtype, train_all=True)
+        apply(model, config, spec)
+    else:
+        fft_dtype, fft = None, _tensors(model, None, train_all=True)
+    esft = _tensors(model)
+    total_params = sum(p.numel() for n, p in model.named_parameters() if ".esft_" not in n)
+    itemsize = (request.compute_dtype or next(model.parameters()).dtype).itemsize
+    tokens = request.micro_batch * request.seq_length
+    activations = tuple(activation_bytes(model, tokens, itemsize, c) for c in (False, True))
+    profile_tokens = (request.profile_batch or request.micro_batch) * request.seq_length
+    profiling = _profiling_bytes(model, fft, profile_tokens, itemsize)
+
+    def memory(tensors: list[_Tensor], strategy: str, world: int, checkpointing: bool, micro: int) -> RankMemory:
+        acts = tuple(a * micro // request.micro_batch for a in activations)
+        return _rank_memory(tensors, strategy, world, 0, acts, checkpointing)  # rank 0 holds the largest chunks
+
+    r = request
+    strategies = ("fsdp2", "ddp") if r.strategy != "single" else ("fsdp2", "ddp", "single")
+    scenarios = {
+        f"{method}_{s}": memory(tensors, s, r.world_size, r.activation_checkpointing, r.micro_batch)
+        for method, tensors in (("esft", esft), ("fft", fft))
+        for s in strategies
+    }
+    per_rank = scenarios[f"esft_{r.strategy}"]
+    by_rank = [
+        {k: v for k, v in asdict(_rank_memory(esft, r.strategy, r.world_size, rank, activations, False)).items()
+         if k in ("params_bytes", "trainable_bytes", "grads_bytes", "optimizer_bytes")}
+        for rank in range(min(r.world_size, 64))
+    ]  # fmt: skip
+    selection = {
+        "kind": kind, "score_function": spec.score_function, "top_p": spec.p,
+        "experts_per_layer": {str(i): len(ids) for i, ids in config.experts.items()},
+        "selected_experts": config.num_selected, "trainable_params": sum(
+            p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_dtype": next((str(p.dtype) for n, p in model.named_parameters() if ".esft_" in n), None),
+        "fft_dtype": str(fft_dtype or next(model.parameters()).dtype),
+    }  # fmt: skip
+    fits = None
+    fixes: list[str] = []
+    if r.device_memory is not None:
+        budget = usable(r.device_memory)
+        fits = max(per_rank.total_bytes, profiling) <= budget
+        if not fits:
+            fixes = _fixes(esft, r, memory, budget)
+    return Plan(r, model.config.model_type, total_params, selection, per_rank, scenarios, by_rank, profiling, fits,
+                fixes)  # fmt: skip
+
+
+def _fixes(tensors: list[_Tensor], r: PlanRequest, memory: Any, budget: int) -> list[str]:
+    """What would make the run fit, cheapest first: a strategy that shards, activation checkpointing, a smaller
+    micro-batch (data.global_batch_size keeps the batch), then more GPUs."""
+    fixes = []
+
+    def fits(strategy: str = r.strategy, world: int = r.world_size, ac: bool = r.activation_checkpointing,
+             micro: int = r.micro_batch) -> bool:  # fmt: skip
+        return memory(tensors, strategy, world, ac, micro).total_bytes <= budget
+
+    if r.strategy != "fsdp2" and fits("fsdp2"):
+        fixes.append("shard with FSDP2 (--config configs/fsdp.yaml)")
+    if not r.activation_checkpointing and fits(ac=True):
+        fixes.append("turn on activation checkpointing (--model.activation_checkpointing true)")
+    for ac in (r.activation_checkpointing, True):
+        micro = next((m for m in range(r.micro_batch - 1, 0, -1) if fits(ac=ac, micro=m)), None)
+        if micro is not None:
+            extra = " with --model.activation_checkpointing true" if ac and not r.activation_checkpointing else ""
+            fixes.append(
+                f"a smaller micro-batch: --data.batch_size {micro}{extra} (set data.global_batch_size to keep the "
+                "batch: gradient accumulation makes up the rest)"
+            )
+            break
+    per_node = max(1, r.devices_per_node)
+    worlds = [w for w in range(r.world_size + 1, per_node + 1)] + [per_node * n for n in range(2, 129)]
+    for ac in (r.activation_checkpointing, True):
+        world = next((w for w in worlds if w > r.world_size and fits("fsdp2", w, ac)), None)
+        if world is not None:
+            nodes = -(-world // per_node)
+            where = f"--trainer.devices {world}" if world <= per_node else f"{nodes} nodes x {per_node} GPUs"
+            extra = " and activation checkpointing" if ac and not r.activation_checkpointing else ""
+            fixes.append(f"more GPUs: {world} with FSDP2{extra} ({where})")
+            break
+    if fixes:
+        return fixes
+    floor = memory(tensors, "fsdp2", 1 << 20, True, 1)  # as many GPUs as there are rows to shard
+    return [
+        f"no number of GPUs fits: FSDP2 gathers whole decoder layers and their root ({floor.comm_bytes / GiB:.1f} GiB "
+        f"of buffers), shards expert tensors no finer than one expert per rank, and activations at micro-batch 1 "
+        f"with checkpointing take {floor.activations_bytes / GiB:.1f} GiB: a per-rank floor of "
+        f"{floor.total_bytes / GiB:.1f} GiB. Use GPUs with more memory, a shorter data.seq_length or a smaller "
+        "selection (top_p, or an expert config)"
+    ]
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the table ``esft plan`` prints: one column per scenario, GiB per rank."""
+    r, sel = plan.request, plan.selection
+    names = {"esft": "ESFT", "fft": "full FT"}
+    columns = list(plan.scenarios)
+    header = [f"{names[c.split('_')[0]]} {c.split('_')[1]}" for c in columns]
+    rows = [
+        ("weights (all parameters)", "params_bytes"), ("  of which trainable", "trainable_bytes"),
+        ("gradients", "grads_bytes"), ("AdamW state", "optimizer_bytes"),
+        ("activations, no checkpointing", "activations_no_checkpointing_bytes"),
+        ("activations, checkpointing", "activations_checkpointing_bytes"),
+        ("communication buffers", "comm_bytes"), ("total", "total_bytes"),
+    ]  # fmt: skip
+    kind = {"exact": "exact (expert config)", "bound": "an upper BOUND (no expert config: ceil(top_p x E) experts "
+            "per layer, the most ESFT-Token can select)", "estimate": "an ESTIMATE (ESFT-Gate: ceil(top_p x E) "
+            "experts per layer; gate scores do not sum to 1, so this is not a bound)"}[sel["kind"]]  # fmt: skip
+    if sel["score_function"] in ("all", "none") and sel["kind"] == "exact" and r.expert_config is None:
+        kind = f"exact (score_function {sel['score_function']})"
+    big = max(v.total_bytes for v in plan.scenarios.values()) >= GiB
+    unit, scale = ("GiB", GiB) if big else ("MiB", 2**20)
+    lines = [
+        f"{plan.model_type}: {_count(plan.total_params)} parameters; {r.world_size} rank(s), strategy "
+        f"{r.strategy}, micro-batch {r.micro_batch} x {r.seq_length} tokens, activation checkpointing "
+        f"{'on' if r.activation_checkpointing else 'off'}",
+        f"ESFT selection: {sel['selected_experts']} experts, {_count(sel['trainable_params'])} trainable "
+        f"parameters ({sel['trainable_dtype'] or 'model dtype'}); trainable sizes are {kind}",
+        f"full fine-tuning: every parameter trained in {sel['fft_dtype']}",
+        "",
+        f"{unit + ' per rank (largest rank)':32s}" + "".join(f"{h:>15s}" for h in header),
+    ]
+    for label, key in rows:
+        lines.append(f"{label:32s}" + "".join(f"{getattr(plan.scenarios[c], key) / scale:15.2f}" for c in columns))
+    lines.append(f"profiling peak (rank 0, layers streamed): {plan.profiling_bytes / scale:.2f} {unit}")
+    if r.device_memory is None:
+        lines.append("device memory unknown: pass --plan.device_memory (e.g. 80GiB or H100-80GB) for a verdict")
+    else:
+        need = max(plan.per_rank.total_bytes, plan.profiling_bytes)
+        verdict = "fits" if plan.fits else f"does NOT fit: short by {plan.shortfall_bytes / GiB:.2f} GiB"
+        lines.append(
+            f"this run (ESFT {r.strategy}): {need / GiB:.2f} GiB per rank of {usable(r.device_memory) / GiB:.2f} "
+            f"GiB usable ({HEADROOM:.0%} of {r.device_memory / GiB:.2f} GiB): {verdict}"
+        )
+        lines += [f"  fix: {fix}" for fix in plan.fixes]
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
