@@ -4,8 +4,9 @@ HF ``generate`` runs one forward per new token. Under FSDP2 each forward all-gat
 again (``reshard_after_forward``), so a 96-token evaluation gathered the whole model ~100 times per batch. When
 the unsharded model fits next to what the device already holds, ``sharded_generation`` instead gathers every
 FSDP module once (``FSDPModule.unshard``), keeps it gathered for all forwards (``set_reshard_after_forward
-(False)``), and afterwards reshards and restores each module's own setting, so training resumes exactly as
-before. Forwards then run no collective, and every rank generates on its own (no ``synced_gpus``).
+(False)``), and afterwards restores each module's own setting and leaves it as a forward would (layers
+resharded, the root's parameters kept, FSDP's default for the root), so training resumes exactly as it
+would have. Forwards then run no collective, and every rank generates on its own (no ``synced_gpus``).
 
 Otherwise the forwards gather per layer as before (at most once per layer per forward of a whole batch), and
 ``evaluate_set`` keeps the ranks in lockstep: equal shard sizes and ``synced_gpus`` keep every rank entering
@@ -156,6 +157,13 @@ def _gather_reports(model: nn.Module, need: int) -> list[MemoryReport]:
     return reports
 
 
+def _info(message: str) -> None:
+    # Rank 0 of torch.distributed: Lightning's rank_zero_info alone goes by environment variables that
+    # processes started outside Lightning (torch.multiprocessing, tests, benchmarks) do not set.
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        rank_zero_info(message)
+
+
 def _gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -167,7 +175,8 @@ def sharded_generation(
     """Prepare ``model`` for a whole evaluation's generation; yields the ``GenerationMode`` to generate in.
 
     FSDP2 model and it fits (or ``policy="always"``): every FSDP module is unsharded once and kept so; on exit
-    (also on error) each is resharded and gets back its own ``reshard_after_forward``. Under several
+    (also on error) each gets back its own ``reshard_after_forward`` and is resharded if that setting is on
+    (the root, off by FSDP's default, keeps its parameters as after any forward). Under several
     processes every rank must enter (the memory check and the unshard are collectives); all ranks take the
     same decision from the same all-gathered reports.
     """
@@ -191,13 +200,17 @@ def sharded_generation(
     else:
         unshard, why = policy == "always", f"policy {policy!r}"
     if not unshard:
-        rank_zero_info(
+        _info(
             f"ESFT generation under FSDP2: gathered per layer at every forward, ranks in lockstep ({why}); "
             "slower than unsharding once"
         )
         yield "gathered"
         return
-    rank_zero_info(f"ESFT generation under FSDP2: model unsharded once for the evaluation ({why})")
+    _info(f"ESFT generation under FSDP2: model unsharded once for the evaluation ({why})")
+    if modules[0] is model:
+        # FSDP's lazy init (run by the root's first forward) turns the root's resharding off unless it was set
+        # explicitly; run it first, so what is saved and restored below is what training runs with.
+        modules[0]._get_fsdp_state()._lazy_init()
     saved = [_reshard_setting(m) for m in modules]
     try:
         for module in modules:
@@ -216,13 +229,18 @@ def sharded_generation(
     finally:
         for module, setting in zip(modules, saved):
             _restore_reshard_setting(module, setting)
-        for module in modules:
-            module.reshard()  # outside a forward FSDP always frees the unsharded parameters
+            # Leave each module as a forward would: FSDP frees what reshards after forward (a reshard outside
+            # a forward always frees), and keeps the root's parameters (its default: the next forward or
+            # backward needs them at once). Code that runs a submodule directly, bypassing the root's hooks
+            # (profile_routing calls the decoder), relies on that, as it did after per-forward gathering.
+            if any(mesh_info is not None for mesh_info in setting[1]):
+                module.reshard()
 
 
 def _reshard_setting(module: FSDPModule) -> tuple[Any, list[Any]]:
-    # No public getter: read what ``set_reshard_after_forward`` writes. ``_auto_reshard_after_forward`` lets
-    # the root (not yet lazily initialised) still opt out of resharding at its first training forward.
+    # No public getter: read what ``set_reshard_after_forward`` writes. ``post_forward_mesh_info`` None means
+    # no reshard after forward; ``_auto_reshard_after_forward`` lets a root not yet lazily initialised (one
+    # that is not ``model`` itself) still opt out of resharding at its first forward.
     state = module._get_fsdp_state()
     return state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in _param_groups(module)]
 

@@ -50,10 +50,13 @@ def test_task_eval_and_drift_under_two_fsdp_ranks(tmp_path):
     }
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    two_process_fit(config, REPO)
+    out = two_process_fit(config, REPO)
     run = sorted((tmp_path / "run" / "lightning_logs").glob("version_*"))[-1]
     saved = json.loads((run / "task_eval.json").read_text())
     assert [e["step"] for e in saved["evaluations"]] == [0, 2]
+    # A tiny model fits: gathered once per evaluation (before training and after it), not at every new token.
+    assert [e["generation"]["mode"] for e in saved["evaluations"]] == ["unsharded", "unsharded"]
+    assert out.count("ESFT generation under FSDP2: model unsharded once for the evaluation") == 2
     predictions = saved["evaluations"][0]["sets"]["qa"]["predictions"]
     assert [p["prompt"] for p in predictions] == [e["prompt"] for e in evals]  # every sample once, in order
     rows = list(csv.DictReader((run / "metrics.csv").open()))
