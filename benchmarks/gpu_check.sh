@@ -5,7 +5,8 @@
 #     2 shared, MLA attention, vocabulary 102400) but with 4 layers, to a temp directory;
 # (b) runs `esft fit` from it for 20 steps with configs/fsdp.yaml on one GPU (FSDP2 over NCCL: rank-0 profiling on
 #     the GPU, broadcast into shards), then the same single-device;
-# (c) runs benchmarks/gpu.py (ESFT vs full fine-tuning tokens/s and peak memory, same model and batch);
+# (c) runs benchmarks/gpu.py (ESFT vs full fine-tuning tokens/s and peak memory, same model and batch, each next to
+#     the memory plan: esft_lightning.planning total vs torch.cuda.max_memory_allocated);
 # and prints one summary table. GPU_CHECK_TINY=1 shrinks everything and runs on the CPU (a smoke test of the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."

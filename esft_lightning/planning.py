@@ -370,7 +370,7 @@ def _fixes(tensors: list[_Tensor], r: PlanRequest, memory: Any, budget: int) -> 
                 "batch: gradient accumulation makes up the rest)"
             )
             break
-    per_node = max(1, r.devices_per_node)
+    per_node = max(8, r.devices_per_node)  # nodes of 8 GPUs unless the run's nodes have more
     worlds = [w for w in range(r.world_size + 1, per_node + 1)] + [per_node * n for n in range(2, 129)]
     for ac in (r.activation_checkpointing, True):
         world = next((w for w in worlds if w > r.world_size and fits("fsdp2", w, ac)), None)

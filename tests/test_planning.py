@@ -229,3 +229,16 @@ def test_print_config_round_trips_plan_options(tmp_path, capsys):
     common = {k: v for k, v in printed.items() if k in ("seed_everything", "trainer", "model", "data", "plan")}
     again.write_text(yaml.safe_dump(common))  # (without fit's own options: parse_config reads any subcommand's)
     assert parse_config(["--config", str(again)]).plan.strict is False
+
+
+@pytest.mark.slow
+def test_docs_table_is_generated():
+    """docs/planning.md's table and the README's excerpt are what benchmarks/planning_table.py prints now."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/planning_table.py"), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert "| DeepSeek-V3 | 671.0 B | 16 |" in done.stdout
