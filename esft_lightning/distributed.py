@@ -197,9 +197,17 @@ def save_pretrained_merged(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def peak_host_bytes() -> int:
-    """This process's peak resident host memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    """This process's peak resident host memory so far: Linux's VmHWM, else ru_maxrss (bytes on macOS).
+
+    Not ru_maxrss on Linux: a process started by fork/vfork + exec inherits its parent's high-water mark there,
+    so a rank launched by a large parent would report the parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def current_host_bytes() -> int:

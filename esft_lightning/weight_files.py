@@ -97,6 +97,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
     # -- reading ------------------------------------------------------------------------------------
     def read(self, name: str, rows: RowsSpec = None) -> torch.Tensor:
         """Parameter ``name`` (the model's naming) as stored, or only ``rows`` of its dim 0, in the file's dtype."""
+        _return_freed_memory()  # the previous read's buffers, freed by now
         stored = self._alias.get(name)
         if stored is None:
             raise KeyError(f"no safetensors file in {self.directory} holds {name!r}")
@@ -193,6 +194,29 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((row, row + 1))
     return runs
+
+
+def _return_freed_memory() -> None:
+    """Give memory freed since the last read back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Streaming a model tensor by tensor frees a large block after every read; glibc keeps such blocks in the
+    heap (it raises its mmap threshold after each large free), so without this the process's resident memory
+    grows by the stream's size, not one tensor's: measured 0.3x of a 0.87 GiB model for reading its experts once.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
 
 
 def _safetensors_files(directory: Path) -> list[Path]:

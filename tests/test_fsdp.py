@@ -19,7 +19,7 @@ from .test_cli import quick_config
 pytestmark = pytest.mark.slow  # two processes each; CI runs them too
 
 
-def two_process_fit(cfg, cwd, *extra: str, strategy_config: str = "configs/fsdp.yaml") -> str:
+def two_process_fit(cfg, cwd, *extra: str, strategy_config: str = "configs/fsdp.yaml", devices: int = 2) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     strategy = ["--config", str(REPO / strategy_config)] if strategy_config else ["--trainer.strategy", "ddp"]
     cmd = [
@@ -33,7 +33,7 @@ def two_process_fit(cfg, cwd, *extra: str, strategy_config: str = "configs/fsdp.
         "--trainer.accelerator",
         "cpu",
         "--trainer.devices",
-        "2",
+        str(devices),
         *extra,
     ]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -85,21 +85,24 @@ def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
         torch.testing.assert_close(fused[ids], adapter[f"model.layers.{layer}.mlp.experts.gate_up_proj"])
 
 
-def test_fsdp_adapter_equals_single_process_run(tmp_path):
-    """Plain-text data (every token trained, equal token counts per rank): 2 ranks x batch 2 == 1 x batch 4, the
-    model read from a directory by rank 0 only and broadcast into rank 1's shards."""
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_fsdp_adapter_equals_single_process_run(tmp_path, ranks):
+    """Plain-text data (every token trained, equal token counts per rank): N ranks x batch b == 1 x batch N*b, the
+    model saved in several safetensors shards, every rank reading only its own shards of it."""
     import yaml
 
     from esft_lightning import ESFTModule
     from esft_lightning.cli import main
 
     adapters = {}
-    for name, devices, batch in (("fsdp", 2, 2), ("single", 1, 4)):
+    per_rank = 4 // ranks if 4 % ranks == 0 else 1
+    for name, devices, batch in (("fsdp", ranks, per_rank), ("single", 1, ranks * per_rank)):
         cfg_path = quick_config(tmp_path / name, steps=3)
         cfg = yaml.safe_load(cfg_path.read_text())
-        if devices == 2:  # a model directory: rank 0 reads it, rank 1 builds on meta and gets the broadcast
+        if devices > 1:  # a model directory in several files; every rank builds on meta and reads its shards
             saved = ESFTModule(family=cfg["model"]["family"], model_config=cfg["model"]["model_config"], seed=0)
-            saved.build_model().save_pretrained(tmp_path / "model")
+            saved.build_model().save_pretrained(tmp_path / "model", max_shard_size="300KB")
+            assert len(list((tmp_path / "model").glob("*.safetensors"))) > 1
         cfg["model"] = {"model": str(tmp_path / "model")}
         cfg["data"].update(
             task=[{"path": str(REPO / "esft_lightning/resources/quickstart/general.jsonl"), "name": "text"}],
@@ -108,8 +111,11 @@ def test_fsdp_adapter_equals_single_process_run(tmp_path):
         )
         cfg["trainer"]["callbacks"][0]["init_args"].update(max_tokens=1024)
         cfg_path.write_text(yaml.safe_dump(cfg))
-        if devices == 2:
-            two_process_fit(cfg_path, tmp_path)
+        if devices > 1:
+            out = two_process_fit(cfg_path, tmp_path, devices=devices)
+            assert "every rank reads its own shards from the safetensors files" in out
+            read = [int(b) for b in re.findall(r"(\d+) bytes read from the safetensors files", out)]
+            assert len(read) == ranks and all(0 < b < 0.75 * sum(read) for b in read), read
         else:
             main(["fit", "--config", str(cfg_path)])
         run = sorted((tmp_path / name / "run" / "logs").glob("version_*"))[-1]
