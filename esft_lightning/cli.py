@@ -198,7 +198,7 @@ def _plan_main(argv: list[str]) -> None:
     parser.add_argument("--expert_config", default=None, help="an expert_cfg.json: exact trainable sizes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     ns, rest = parser.parse_known_args(argv)
-    from .planning import build_meta_model, format_plan, plan_memory
+    from .planning import build_meta_model, plan_memory
 
     load_args, request = plan_inputs(parse_config(rest))
     if ns.expert_config:
@@ -331,6 +331,58 @@ def check_memory_plan(trainer: L.Trainer, module: Any, datamodule: Any, config: 
     if options.strict:
         raise MemoryPlanError(message)
     rank_zero_warn(message)
+
+
+def format_plan(plan: Any) -> str:
+    """A ``planning.Plan`` as the table ``esft plan`` prints: one column per scenario, GiB (or MiB) per rank."""
+    from .planning import HEADROOM, GiB, usable
+
+    r, sel = plan.request, plan.selection
+    names = {"esft": "ESFT", "fft": "full FT"}
+    columns = list(plan.scenarios)
+    header = [f"{names[c.split('_')[0]]} {c.split('_')[1]}" for c in columns]
+    rows = [
+        ("weights (all parameters)", "params_bytes"), ("  of which trainable", "trainable_bytes"),
+        ("gradients", "grads_bytes"), ("AdamW state", "optimizer_bytes"),
+        ("activations, no checkpointing", "activations_no_checkpointing_bytes"),
+        ("activations, checkpointing", "activations_checkpointing_bytes"),
+        ("communication buffers", "comm_bytes"), ("total", "total_bytes"),
+    ]  # fmt: skip
+    kind = {"exact": "exact (expert config)", "bound": "an upper BOUND (no expert config: ceil(top_p x E) experts "
+            "per layer, the most ESFT-Token can select)", "estimate": "an ESTIMATE (ESFT-Gate: ceil(top_p x E) "
+            "experts per layer; gate scores do not sum to 1, so this is not a bound)"}[sel["kind"]]  # fmt: skip
+    if sel["score_function"] in ("all", "none") and sel["kind"] == "exact" and r.expert_config is None:
+        kind = f"exact (score_function {sel['score_function']})"
+    big = max(v.total_bytes for v in plan.scenarios.values()) >= GiB
+    unit, scale = ("GiB", GiB) if big else ("MiB", 2**20)
+    lines = [
+        f"{plan.model_type}: {_count(plan.total_params)} parameters; {r.world_size} rank(s), strategy "
+        f"{r.strategy}, micro-batch {r.micro_batch} x {r.seq_length} tokens, activation checkpointing "
+        f"{'on' if r.activation_checkpointing else 'off'}",
+        f"ESFT selection: {sel['selected_experts']} experts, {_count(sel['trainable_params'])} trainable "
+        f"parameters ({sel['trainable_dtype'] or 'model dtype'}); trainable sizes are {kind}",
+        f"full fine-tuning: every parameter trained in {sel['fft_dtype']}",
+        "",
+        f"{unit + ' per rank (largest rank)':32s}" + "".join(f"{h:>15s}" for h in header),
+    ]
+    for label, key in rows:
+        lines.append(f"{label:32s}" + "".join(f"{getattr(plan.scenarios[c], key) / scale:15.2f}" for c in columns))
+    lines.append(f"profiling peak (rank 0, layers streamed): {plan.profiling_bytes / scale:.2f} {unit}")
+    if r.device_memory is None:
+        lines.append("device memory unknown: pass --plan.device_memory (e.g. 80GiB or H100-80GB) for a verdict")
+    else:
+        need = max(plan.per_rank.total_bytes, plan.profiling_bytes)
+        verdict = "fits" if plan.fits else f"does NOT fit: short by {plan.shortfall_bytes / GiB:.2f} GiB"
+        lines.append(
+            f"this run (ESFT {r.strategy}): {need / GiB:.2f} GiB per rank of {usable(r.device_memory) / GiB:.2f} "
+            f"GiB usable ({HEADROOM:.0%} of {r.device_memory / GiB:.2f} GiB): {verdict}"
+        )
+        lines += [f"  fix: {fix}" for fix in plan.fixes]
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
 def main(argv: list[str] | None = None) -> None:
