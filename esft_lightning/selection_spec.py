@@ -18,7 +18,7 @@ from .experts import apply_expert_config, dtype_from_name, stored_expert_dtypes,
 from .models import find_moe_layers
 from .placement import Placement, placed_for_profiling
 from .routing import RoutingProfile, profile_routing
-from .selection import ExpertConfig, all_experts, no_experts, random_experts, select_experts
+from .selection import ExpertConfig, all_experts, load_exclusion, no_experts, random_experts, select_experts
 
 __all__ = [
     "SCORE_FUNCTIONS", "Decision", "SelectionSpec", "decide", "read_checkpoint_selection", "restore", "selection_entry",
@@ -52,10 +52,17 @@ class SelectionSpec:
     """Seed of the ``random`` baseline."""
     placement: Placement = "auto"
     """Where profiling runs when the model is not on the device yet (see ``placement.placed_for_profiling``)."""
+    exclude: list[str] | None = None
+    """Expert configs (``expert_cfg.json``) or adapter directories whose experts must not be selected (e.g. other
+    tasks' adapters the model will hold too); the next-best experts are taken instead."""
+    exclude_strict: bool = True
+    """True: raise when a layer cannot reach top_p without excluded experts; False: keep the experts left, warn."""
 
     def __post_init__(self) -> None:
         if self.score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"score_function must be one of {', '.join(SCORE_FUNCTIONS)}, got {self.score_function!r}")
+        if isinstance(self.exclude, (str, Path)):  # one path given where a list is expected
+            self.exclude = [str(self.exclude)]
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.trainable_dtype not in (None, "auto") and not isinstance(
@@ -107,12 +114,16 @@ def decide(
     ``device``: where to profile (default: where the model is). With ``world_size`` > 1 and ``all_reduce`` each
     rank profiles its share of ``max_tokens`` and the sums are all-reduced.
     """
+    excluded = load_exclusion(spec.exclude) if spec.exclude else None
     if spec.expert_config:
-        return Decision(ExpertConfig.load(spec.expert_config))
+        config = ExpertConfig.load(spec.expert_config)
+        if excluded is not None:
+            _check_disjoint(config, excluded, spec.expert_config)
+        return Decision(config)
     num_experts = {layer.index: layer.num_experts for layer in find_moe_layers(model)}
     meta = {"score_function": spec.score_function, "model_type": model.config.model_type}
     if spec.score_function == "all":
-        return Decision(all_experts(num_experts, **spec.flags, meta=meta))
+        return Decision(all_experts(num_experts, exclude=excluded, **spec.flags, meta=meta))
     if spec.score_function == "none":
         return Decision(no_experts(num_experts, **spec.flags, meta=meta))
     if batches is None:
@@ -122,10 +133,23 @@ def decide(
     with placed_for_profiling(model, device, spec.placement, keep=False) as where:
         profile = profile_routing(model, batches, max_tokens=budget, device=where, all_reduce=all_reduce)
     meta["num_tokens"] = profile.num_tokens
-    config = select_experts(profile.scores(spec.score_kind), spec.p, **spec.flags, meta=meta)
+    config = select_experts(
+        profile.scores(spec.score_kind), spec.p, **spec.flags, meta=meta, exclude=excluded, strict=spec.exclude_strict
+    )
     if spec.score_function == "random":
-        config = random_experts(config, num_experts, seed=spec.seed)
+        config = random_experts(config, num_experts, seed=spec.seed, exclude=excluded)
     return Decision(config, profile)
+
+
+def _check_disjoint(config: ExpertConfig, excluded: ExpertConfig, source: str) -> None:
+    """An explicit expert config is applied as it is: one that trains an excluded expert is a contradiction."""
+    both = {k: sorted(set(v) & set(excluded.experts.get(k, ()))) for k, v in config.experts.items()}
+    both = {k: v for k, v in both.items() if v}
+    if both:
+        where = "; ".join(f"layer {k} experts {v}" for k, v in sorted(both.items()))
+        raise ValueError(
+            f"{source} selects experts that exclude forbids ({', '.join(excluded.meta['sources'])}): {where}"
+        )
 
 
 def trainable_dtype(
@@ -176,6 +200,8 @@ def restore(model: nn.Module, saved: dict | None, spec: SelectionSpec | None = N
     target = None if from_checkpoint is None else ExpertConfig.from_dict(from_checkpoint, source="checkpoint")
     if spec.expert_config:
         explicit = ExpertConfig.load(spec.expert_config)
+        if spec.exclude:
+            _check_disjoint(explicit, load_exclusion(spec.exclude), spec.expert_config)
         if target is not None and explicit.experts != target.experts:
             raise ValueError(f"{spec.expert_config} differs from the selection of the checkpoint being resumed")
         target = target or explicit

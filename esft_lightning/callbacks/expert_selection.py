@@ -75,6 +75,12 @@ class ExpertSelectionCallback(L.Callback):
         profile_template: how ``profile_data`` chats are rendered: ``esft`` (ESFT's format) or ``model`` (the
             tokenizer's chat template, as a chat model is trained on it).
         tokenizer: tokenizer (or its directory) for ``profile_data``; default the datamodule's, else the module's.
+        exclude: expert configs (``expert_cfg.json``) or adapter directories whose experts must not be selected,
+            e.g. the adapters of other tasks that will share the model: the next-best experts are taken instead, so
+            the adapters compose (``esft merge`` needs no ``--overlap``). Also applies to ``all`` and ``random``;
+            an explicit ``expert_config`` that trains an excluded expert is an error.
+        exclude_strict: when a layer cannot reach ``top_p`` without excluded experts: raise (default, naming the
+            layer and the score reached) or, if false, keep the experts left and warn.
     """
 
     def __init__(
@@ -97,6 +103,8 @@ class ExpertSelectionCallback(L.Callback):
         profile_seq_length: int = 1024,
         profile_template: Template = "esft",
         tokenizer: str | PreTrainedTokenizerBase | None = None,
+        exclude: list[str] | None = None,
+        exclude_strict: bool = True,
     ) -> None:
         self.spec = SelectionSpec(
             score_function=score_function,
@@ -108,6 +116,8 @@ class ExpertSelectionCallback(L.Callback):
             trainable_dtype=trainable_dtype,
             seed=seed,
             placement=placement,
+            exclude=exclude,
+            exclude_strict=exclude_strict,
         )
         self.profile_batch_size, self.model_attr, self.profile_template = (
             profile_batch_size,
