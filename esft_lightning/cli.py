@@ -107,6 +107,11 @@ def _tool_main(command: str, argv: list[str]) -> None:
 
         eval_main(argv)
         return
+    if command == "select" and "--joint" in argv:  # several tasks from their scores files: no model, no config
+        from .select_command import joint_main
+
+        joint_main(argv)
+        return
     parser = argparse.ArgumentParser(prog=f"esft {command}")
     if command == "merge":
         parser.add_argument("--base", required=True, help="base model directory (save_pretrained layout)")
@@ -139,6 +144,22 @@ def _tool_main(command: str, argv: list[str]) -> None:
     parser.add_argument("--max_tokens", type=int, default=None)
     parser.add_argument("--shared_experts", action="store_true", default=None)
     parser.add_argument("--non_expert_modules", action="store_true", default=None)
+    if command == "select":
+        parser.add_argument(
+            "--exclude",
+            nargs="+",
+            action="extend",
+            default=None,
+            metavar="CONFIG_OR_ADAPTER",
+            help="expert_cfg.json files or adapter directories whose experts must not be selected (next-best taken)",
+        )
+        parser.add_argument(
+            "--best_effort",
+            action="store_true",
+            default=None,
+            help="a layer that cannot reach top_p without excluded experts keeps the rest (warning) instead of failing",
+        )
+        # `esft select --joint TASK=SCORES.json ... --out DIR`: disjoint configs for several tasks (select_command.py)
     ns, rest = parser.parse_known_args(argv)
     cli = make_cli(rest, run=False)
     from .files import atomic_write_text
@@ -187,6 +208,8 @@ def configured_spec(trainer: L.Trainer, overrides: dict) -> tuple[SelectionSpec,
         shared_experts=spec.shared_experts or bool(overrides.get("shared_experts")),
         non_expert_modules=spec.non_expert_modules or bool(overrides.get("non_expert_modules")),
         expert_config=None,  # profile / select always profile
+        exclude=overrides.get("exclude") or spec.exclude,
+        exclude_strict=spec.exclude_strict and not overrides.get("best_effort"),
     )
     return spec, None if found is None else found.profile_batch_size
 
