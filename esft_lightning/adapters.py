@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .distributed import full_on_host
+from .expert_parallel import gather_expert_rows
 from .experts import remove_expert_split, validate_expert_config
 from .experts_forward import TRAINED_PREFIX, expert_param_names
 from .files import atomic_write_dir
@@ -39,13 +40,19 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         experts_names.add(name)
         ids = config.experts.get(layer_of[id(module)], [])
+        # Expert parallel: this rank holds its own experts only; the rows are gathered from their owners.
+        parallel = getattr(module, "esft_expert_shard", None) is not None
         for proj in expert_param_names(module):
             trained = getattr(module, TRAINED_PREFIX + proj, None)
             fused = getattr(module, proj)
             if trained is not None:
-                tensors[f"{name}.{proj}"] = full_on_host(trained).contiguous()
+                rows = full_on_host(trained)
+                if parallel:
+                    rows = gather_expert_rows(module, TRAINED_PREFIX + proj, rows)
+                tensors[f"{name}.{proj}"] = rows.contiguous()
             elif fused.requires_grad:  # every expert of the layer trained
-                tensors[f"{name}.{proj}"] = full_on_host(fused)[torch.tensor(ids)].contiguous()
+                every = gather_expert_rows(module, proj, full_on_host(fused)) if parallel else full_on_host(fused)
+                tensors[f"{name}.{proj}"] = every[torch.tensor(ids)].contiguous()
     for name, p in model.named_parameters():
         owner = name.rsplit(".", 1)[0]
         if p.requires_grad and owner not in experts_names:

@@ -26,17 +26,26 @@ class FSDP2Strategy(ModelParallelStrategy):
     ``data_parallel_size: auto`` means the whole world (nodes x devices), so one config means the same on 1
     or 8 GPUs. Tensor parallelism is refused: ESFTModule shards over the data-parallel mesh only, and
     nothing would keep tensor-parallel replicas in sync.
+
+    ``expert_parallel_size: N`` (> 1): every MoE layer's routed experts are split by expert index over groups
+    of N ranks (each rank keeps E/N whole experts, frozen and trained, and tokens travel to them by all-to-all:
+    ``expert_parallel.py``); everything else stays FSDP2-sharded over all ranks. N must divide the world size
+    and every layer's number of experts.
     """
 
     def __init__(
         self,
         data_parallel_size: Literal["auto"] | int = "auto",
         tensor_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
         save_distributed_checkpoint: bool = False,
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
     ) -> None:
         check_tensor_parallel_size(tensor_parallel_size)
+        if int(expert_parallel_size) < 1:
+            raise ValueError(f"expert_parallel_size must be >= 1, got {expert_parallel_size!r}")
+        self.expert_parallel_size = int(expert_parallel_size)
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=1,
@@ -48,6 +57,12 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
+        world = self.num_nodes * self.num_processes
+        if world % self.expert_parallel_size:
+            raise ValueError(
+                f"expert_parallel_size={self.expert_parallel_size} does not divide the {world} ranks "
+                f"({self.num_nodes} node(s) x {self.num_processes} device(s))"
+            )
         super().setup_environment()
 
 
@@ -75,7 +90,12 @@ def data_parallel_mesh(mesh: Any) -> Any:
 
 
 def shard_model(
-    model: nn.Module, mesh: Any, bf16_compute: bool, fill_from_rank0: bool = False, files: WeightFiles | None = None
+    model: nn.Module,
+    mesh: Any,
+    bf16_compute: bool,
+    fill_from_rank0: bool = False,
+    files: WeightFiles | None = None,
+    expert_mesh: Any = None,
 ) -> int:
     """``fully_shard`` every decoder layer, then the rest; frozen experts are sharded like everything else.
 
@@ -90,6 +110,10 @@ def shard_model(
     ``files``: every rank built the model on the meta device; once it is sharded each rank allocates its own
     shards and reads them from the safetensors files (``sharded_loading.fill_from_files``): no rank ever holds
     the whole model. Returns the parameter bytes this rank read from ``files`` (0 without).
+
+    ``expert_mesh`` (expert parallelism, ``expert_parallel.expert_parallel_mesh``; the experts already
+    localized): each layer's experts module is sharded on its own over the ``edp`` ranks holding the same
+    experts, before the layer itself.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -101,6 +125,12 @@ def shard_model(
     layers = list(decoder_layers(model))  # wherever the text decoder keeps them (VLMs included)
     for layer in layers:
         full = persistent_state(layer) if rank0 else {}  # references, taken before fully_shard replaces them
+        if expert_mesh is not None:
+            for experts in (m for m in layer.modules() if hasattr(m, "esft_expert_shard")):
+                fully_shard(experts, mesh=expert_mesh["edp"], mp_policy=policy)
+                # An owned expert's gradient already sums the tokens of every rank of its expert-parallel group:
+                # divide by the whole world, as the other parameters' gradients are averaged over it.
+                experts.set_gradient_divide_factor(float(mesh.size()))
         fully_shard(layer, mesh=mesh, mp_policy=policy)
         if fill_from_rank0:
             _fill_from_rank0(layer, [layer], full, mesh.device_type)

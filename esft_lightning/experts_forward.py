@@ -108,6 +108,16 @@ def esft_experts_forward(
     our grouped path (no trained group) instead, whose backward is deterministic (see ``_rows``). (On CUDA both
     paths' index ops are atomic unless deterministic algorithms are on, and ours adds a host sync per layer.)
     """
+    if getattr(self, "esft_expert_shard", None) is not None:  # expert parallel: the pairs go to their owners
+        from .expert_parallel import dispatch_combine
+
+        return dispatch_combine(self, hidden_states, top_k_index, top_k_weights, _local_experts_forward)
+    return _local_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _local_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     split = has_split(self)
     base = getattr(self, "_esft_base_impl", None) or "grouped_mm"
     if not split and (base != "grouped_mm" or hidden_states.device.type != "cpu"):

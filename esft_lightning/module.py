@@ -24,6 +24,7 @@ from .distributed import (
     shard_model,
     training_memory_bytes,
 )
+from .expert_parallel import expert_parallel_mesh, localize_experts
 from .experts import is_trained_copy, trainable_summary
 from .models.loading import MODEL_ARGS, load_model, load_tokenizer, resolve_model_path
 from .selection import ExpertConfig
@@ -106,6 +107,9 @@ class ESFTModule(L.LightningModule):
         self._host_bytes_before_model = current_host_bytes()
         several = self.sharded_over_ranks
         from_files = several and has_safetensors(self.model_path)
+        # Expert parallelism keeps other experts on each rank than rank 0's broadcast would fill: without files,
+        # every rank builds the whole model (the same seed gives the same random weights) and keeps its part.
+        each_builds = several and self.expert_parallel_size > 1 and not from_files
         if several and self.global_rank == 0:
             reason = f"no safetensors files in {self.model_path}" if self.model_path else "a random initialisation"
             how = (
@@ -117,9 +121,15 @@ class ESFTModule(L.LightningModule):
         self.model = load_model(
             **{name: self.hparams[name] for name in MODEL_ARGS},
             vocab_size=len(self.tokenizer),
-            on_meta=from_files or (several and self.global_rank != 0),
+            on_meta=from_files or (several and self.global_rank != 0 and not each_builds),
         )
         return self.model
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """Ranks each MoE layer's experts are split over (``FSDP2Strategy(expert_parallel_size=N)``; 1: none)."""
+        trainer = self._trainer
+        return int(getattr(trainer.strategy, "expert_parallel_size", 1)) if trainer is not None else 1
 
     @property
     def sharded_over_ranks(self) -> bool:
@@ -146,9 +156,13 @@ class ESFTModule(L.LightningModule):
         if mesh is None or getattr(model, "_esft_sharded", False):
             return
         dp_mesh = data_parallel_mesh(mesh)
+        expert_mesh = None
+        if self.expert_parallel_size > 1:
+            expert_mesh = expert_parallel_mesh(dp_mesh.device_type, dp_mesh.size(), self.expert_parallel_size)
+            localize_experts(model, expert_mesh)
         files = WeightFiles(self.model_path, model) if on_meta(model) and has_safetensors(self.model_path) else None
-        rank0 = self.sharded_over_ranks and files is None
-        read = shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=rank0, files=files)
+        rank0 = self.sharded_over_ranks and files is None and expert_mesh is None
+        read = shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=rank0, files=files, expert_mesh=expert_mesh)
         model._esft_sharded = True
         local = sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
         full = sum(p.numel() * p.element_size() for p in model.parameters())

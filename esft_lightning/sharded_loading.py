@@ -78,10 +78,15 @@ def local_rows(param: torch.Tensor) -> range | None:
 def _source_rows(model: nn.Module, name: str, rows: range | None) -> tuple[str, RowsSpec]:
     """Where a parameter's rows come from: itself, or for a trainable expert copy, its experts' fused rows."""
     module_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(module_name)
+    shard = getattr(owner, "esft_expert_shard", None)  # expert parallel: this rank's experts start at shard.first
+    first = 0 if shard is None else shard.first
     if not leaf.startswith(TRAINED_PREFIX):
-        return name, rows
-    experts = model.get_submodule(module_name)
-    ids = [int(i) for i in experts.esft_expert_ids.tolist()]  # built on the host with the selection
+        if shard is None:
+            return name, rows
+        rows = range(shard.count) if rows is None else rows
+        return name, range(first + rows.start, first + rows.stop)
+    ids = [first + int(i) for i in owner.esft_expert_ids.tolist()]  # built on the host with the selection
     fused = f"{module_name}.{leaf.removeprefix(TRAINED_PREFIX)}"
     return fused, ids if rows is None else [ids[i] for i in rows]
 

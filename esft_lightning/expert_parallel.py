@@ -1,0 +1,168 @@
+"""Expert parallelism: each rank keeps whole experts of every MoE layer; tokens travel to them by all-to-all."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .experts import _install_split, remove_expert_split
+from .experts_forward import TRAINED_PREFIX, expert_param_names, has_split
+from .models import find_moe_layers
+
+__all__ = ["ExpertShard", "expert_parallel_mesh", "localize_experts", "dispatch_combine", "gather_expert_rows"]
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """Which experts of a layer this rank owns: global experts ``first .. first + count - 1`` of ``num_experts``."""
+
+    group: Any  # the expert-parallel process group (the ranks that split this layer's experts)
+    rank: int
+    size: int
+    num_experts: int
+    first: int
+    count: int
+    selected: tuple[int, ...]  # the layer's selected experts, global ids in selection order (the adapter's order)
+
+    def owner(self, expert: int) -> int:
+        return expert // self.count
+
+
+def expert_parallel_mesh(device_type: str, world_size: int, expert_parallel_size: int) -> Any:
+    """A (``edp``, ``ep``) device mesh: experts split over ``ep`` ranks, each split replicated ``edp`` times.
+
+    Ranks ``0..ep-1`` form the first expert-parallel group, and so on; the experts' own FSDP2 sharding (and
+    gradient reduction) runs over ``edp``, the ranks that hold the same experts.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world_size % expert_parallel_size:
+        raise ValueError(
+            f"expert_parallel_size={expert_parallel_size} does not divide the {world_size} ranks "
+            "(nodes x devices): choose a divisor of the world size"
+        )
+    shape = (world_size // expert_parallel_size, expert_parallel_size)
+    return init_device_mesh(device_type, shape, mesh_dim_names=("edp", "ep"))
+
+
+def localize_experts(model: nn.Module, mesh: Any) -> int:
+    """Keep only this rank's experts in every MoE layer and route tokens to their owners in the forward.
+
+    Works on a meta-device model (before its shards are read from the files) or a real one. Each experts module
+    keeps rows ``first .. first + E/ep`` of its fused tensors and the trainable copies of the selected experts
+    among them (the others' copies live on their owners), renumbered locally; ``num_experts`` becomes the local
+    count and ``esft_expert_shard`` records the global picture. Returns the number of MoE layers localized.
+    Raises ``ValueError`` naming the layer when its experts do not split evenly.
+    """
+    group, size, rank = mesh["ep"].get_group(), mesh["ep"].size(), mesh["ep"].get_local_rank()
+    config = getattr(model, "esft_expert_config", None)
+    layers = find_moe_layers(model)
+    dtypes = {}
+    for layer in layers:
+        experts = layer.experts
+        if has_split(experts):
+            dtypes[layer.index] = getattr(experts, TRAINED_PREFIX + expert_param_names(experts)[0]).dtype
+    remove_expert_split(model)  # back to fused tensors only (folds nothing new on a fresh model)
+    for layer in layers:
+        experts, total = layer.experts, layer.num_experts
+        if total % size:
+            raise ValueError(
+                f"layer {layer.index} has {total} routed experts, which {size} expert-parallel ranks cannot split "
+                "evenly: choose an expert_parallel_size that divides the number of experts"
+            )
+        count = total // size
+        first = rank * count
+        for name in expert_param_names(experts):
+            full = getattr(experts, name)
+            local = nn.Parameter(full.detach()[first : first + count].clone(), requires_grad=full.requires_grad)
+            setattr(experts, name, local)
+        experts.num_experts = count
+        selected = tuple(config.experts.get(layer.index, [])) if config is not None else ()
+        mine = [e - first for e in selected if first <= e < first + count]
+        if layer.index in dtypes:
+            # Even with none of the layer's selected experts here: a zero-row trainable copy keeps every rank's
+            # optimizer and parameter structure the same (an owner of frozen experts only still has parameters).
+            _install_split(experts, mine, dtypes[layer.index])
+        experts.esft_expert_shard = ExpertShard(group, rank, size, total, first, count, selected)
+    if config is not None:
+        model.esft_expert_config = config  # (remove_expert_split dropped it with the global copies)
+    _route_through_owners(model)
+    return len(layers)
+
+
+def _route_through_owners(model: nn.Module) -> None:
+    from .experts import _use_esft_implementation
+
+    _use_esft_implementation(model)  # the esft forward dispatches to the owners when a module is localized
+
+
+def dispatch_combine(
+    experts: nn.Module,
+    hidden_TD: torch.Tensor,
+    top_k_index_TK: torch.Tensor,
+    top_k_weights_TK: torch.Tensor,
+    local_forward: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The experts forward under expert parallelism.
+
+    Token-expert pairs are sorted by expert (so by owner), sent to their owners with one differentiable
+    ``all_to_all_single``, run there through ``local_forward`` (the frozen / trained split forward, one pair a
+    row), sent back the same way and combined by routing weight. Every rank enters the same collectives in the
+    same order whether it sent or received any token (empty splits are fine), in backward too (see below).
+    """
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    shard: ExpertShard = experts.esft_expert_shard
+    num_tokens, top_k = top_k_index_TK.shape
+    ids_P = top_k_index_TK.reshape(-1)
+    order_P = torch.argsort(ids_P, stable=True)
+    pairs_per_expert_E = torch.bincount(ids_P, minlength=shard.num_experts)
+    # Each owner learns how many pairs of each of its experts every rank sends (not differentiable).
+    received_SC = torch.empty_like(pairs_per_expert_E)
+    dist.all_to_all_single(received_SC, pairs_per_expert_E, group=shard.group)
+    received_SC = received_SC.view(shard.size, shard.count)
+    # The one host sync per layer: all_to_all needs the split sizes as Python ints.
+    sizes = torch.cat([pairs_per_expert_E.view(shard.size, shard.count).sum(1), received_SC.sum(1)]).tolist()
+    send_sizes, receive_sizes = sizes[: shard.size], sizes[shard.size :]
+    x_sent = hidden_TD.index_select(0, order_P // top_k)
+    # torch's differentiable all-to-all: its backward sends the gradients back along the same splits.
+    x_received = all_to_all_single_autograd(x_sent, receive_sizes, send_sizes, shard.group)
+    if torch.is_grad_enabled():
+        # Whether a rank's outputs need a gradient must not depend on which experts it owns: a rank whose experts
+        # are all frozen would otherwise skip the backward all-to-all that a rank owning a trained expert enters.
+        x_received = x_received + torch.zeros((), dtype=x_received.dtype, device=x_received.device, requires_grad=True)
+    local_experts = torch.arange(shard.count, device=hidden_TD.device).repeat(shard.size)
+    local_ids_R = torch.repeat_interleave(local_experts, received_SC.reshape(-1))
+    ones_R1 = torch.ones((local_ids_R.numel(), 1), dtype=top_k_weights_TK.dtype, device=hidden_TD.device)
+    y_received = local_forward(experts, x_received, local_ids_R.unsqueeze(1), ones_R1)
+    y_sent = all_to_all_single_autograd(y_received, send_sizes, receive_sizes, shard.group)
+    weights_P1 = top_k_weights_TK.reshape(-1).index_select(0, order_P).unsqueeze(1)
+    dtype = torch.float32 if hidden_TD.dtype in (torch.bfloat16, torch.float16) else hidden_TD.dtype
+    out_TD = torch.zeros((num_tokens, hidden_TD.shape[1]), dtype=dtype, device=hidden_TD.device)
+    out_TD.index_add_(0, order_P // top_k, (y_sent * weights_P1).to(dtype))
+    return out_TD.to(hidden_TD.dtype)
+
+
+def gather_expert_rows(experts: nn.Module, name: str, local: torch.Tensor) -> torch.Tensor:
+    """The rows of ``name`` for the layer's selected experts in selection order, gathered from their owners.
+
+    ``name`` is a trainable copy (``esft_<proj>``: this rank holds its own selected experts' rows) or a fused
+    tensor (this rank holds all its experts' rows). A collective over the expert-parallel group: every rank calls
+    it, for every layer, in the same order. Returns a CPU tensor.
+    """
+    shard: ExpertShard = experts.esft_expert_shard
+    local = local.detach().cpu()
+    parts: list[Any] = [None] * shard.size
+    dist.all_gather_object(parts, local, group=shard.group)  # small tensors (trained rows), pickled over gloo/nccl
+    if name.startswith(TRAINED_PREFIX):
+        rows = {}
+        for owner, part in enumerate(parts):
+            mine = [e for e in shard.selected if owner * shard.count <= e < (owner + 1) * shard.count]
+            rows.update({e: part[i] for i, e in enumerate(mine)})
+        return torch.stack([rows[e] for e in shard.selected])
+    return torch.cat(parts)
