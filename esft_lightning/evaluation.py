@@ -1,4 +1,5 @@
-"""Task evaluation: load eval sets, generate greedily in batches (KV cache), score with torchmetrics."""
+"""Task evaluation: load eval sets, generate greedily in batches (KV cache), score with torchmetrics (and an LLM
+judge when one is given)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torchmetrics.functional.text import bleu_score
 from torchmetrics.text import CHRFScore, ROUGEScore
 from transformers import PreTrainedTokenizerBase
 
+from .judge import Judge, JudgeError
 from .sharded_generation import GenerationMode, UnshardPolicy, sharded_generation
 from .templates import esft_prompt_text
 
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 EvalSample = dict[str, Any]  # {"prompt": str, "answers": list[str]}
-METRICS = ("exact_match", "chrf", "bleu", "rougeL")
+METRICS = ("exact_match", "chrf", "bleu", "rougeL")  # plus "judge" when an LLM judge scores the set
 
 
 def load_eval_set(path: str | Path, max_samples: int | None = None) -> list[EvalSample]:
@@ -180,17 +182,27 @@ def sentence_bleu(prediction: str, answers: Sequence[str], max_n_gram: int = 4) 
     return float(bleu_score([prediction], [list(answers)], n_gram=n_gram, smooth=True))
 
 
-def score(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
+def score(
+    predictions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    judge_scores: Sequence[float] | None = None,
+) -> dict[str, float]:
     """exact_match, chrf, bleu (sentence BLEU up to 4-grams, smoothed, averaged: see ``sentence_bleu``) and rougeL
-    (F-measure) of ``predictions`` against ``answers``."""
+    (F-measure) of ``predictions`` against ``answers``; with ``judge_scores`` (an LLM judge's 0-10 rating per
+    prediction, see ``esft_lightning.judge``) also ``judge``: their mean divided by 10, as the ESFT paper reports."""
     preds, target = list(predictions), [list(a) for a in answers]
     rouge = ROUGEScore(rouge_keys=("rougeL",))(preds, target)["rougeL_fmeasure"]
-    return {
+    scores = {
         "exact_match": float(ExactMatch()(preds, target)),
         "chrf": float(CHRFScore()(preds, target)),
         "bleu": sum(sentence_bleu(p, a) for p, a in zip(preds, target)) / max(len(preds), 1),
         "rougeL": float(rouge),
     }
+    if judge_scores is not None:
+        if len(judge_scores) != len(preds):
+            raise ValueError(f"{len(judge_scores)} judge scores for {len(preds)} predictions")
+        scores["judge"] = sum(judge_scores) / 10 / max(len(preds), 1)
+    return scores
 
 
 def evaluate_set(
@@ -201,8 +213,14 @@ def evaluate_set(
     batch_size: int = 16,
     mode: GenerationMode | None = None,
     unshard: UnshardPolicy = "auto",
+    judge: Judge | None = None,
+    judge_task: str | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate on ``samples`` and score them; returns (scores, per-sample records).
+
+    ``judge`` and ``judge_task`` (``summary``, ``law``, ``translation`` or ``generic``: the prompt, see
+    ``esft_lightning.judge``): an LLM judge also rates every prediction 0-10 (``judge`` in the scores: the mean / 10;
+    each record gets its own ``judge`` / 10). A judge that cannot score raises ``JudgeError`` on every rank.
 
     Under torch.distributed each rank generates every world_size-th sample and the predictions are
     all-gathered: every rank returns the same scores and records.
@@ -215,7 +233,9 @@ def evaluate_set(
     """
     if mode is None:
         with sharded_generation(model, unshard) as prepared:
-            return evaluate_set(model, tokenizer, samples, max_new_tokens, batch_size, prepared)
+            return evaluate_set(
+                model, tokenizer, samples, max_new_tokens, batch_size, prepared, judge=judge, judge_task=judge_task
+            )
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
     lockstep = mode == "gathered" and world > 1
     # Lockstep: equal shards (padding repeats samples) so every rank runs as many batches. Otherwise a rank
@@ -223,16 +243,45 @@ def evaluate_set(
     end = -(-len(samples) // world) * world if lockstep else len(samples)
     mine = [(i % len(samples)) for i in range(rank, end, world)]
     local = generate(model, tokenizer, [samples[i]["prompt"] for i in mine], max_new_tokens, batch_size, lockstep)
-    pairs = list(zip(mine, local))
+    judging = judge is not None and judge_task is not None
+    rated: dict[int, float] = {}
+    failure = ""
+    if judge is not None and judge_task is not None:
+        # Each rank rates the samples it generated (a lockstep shard's padding repeats another rank's sample and
+        # is left to that rank): no request is sent twice.
+        own = {i: p for i, p in zip(mine, local) if i % world == rank}
+        own_ids = sorted(own)
+        try:
+            values = judge.rate_many(
+                judge_task,
+                [samples[i]["prompt"] for i in own_ids],
+                [samples[i]["answers"] for i in own_ids],
+                [own[i] for i in own_ids],
+            )
+            rated = dict(zip(own_ids, values))
+        except JudgeError as err:
+            failure = str(err)  # raised below on every rank, so none is left waiting in a collective
+    pairs = [(i, p, rated.get(i)) for i, p in zip(mine, local)]
     if world > 1:
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, pairs)  # a host sync: once per set
-        pairs = [p for part in gathered for p in part]
-    prediction = dict(pairs)  # padding duplicates map to the same sample
+        dist.all_gather_object(gathered, (pairs, failure))  # a host sync: once per set
+        pairs = [p for part, _ in gathered for p in part]
+        failure = next((f for _, f in gathered if f), "")
+    if failure:
+        raise JudgeError(failure)
+    prediction = {i: p for i, p, _ in pairs}  # padding duplicates map to the same sample
+    for i, _, value in pairs:
+        if value is not None:
+            rated[i] = value
     predictions = [prediction[i] for i in range(len(samples))]
     answers = [s["answers"] for s in samples]
     records = [
         {"prompt": s["prompt"], "answers": s["answers"], "prediction": p, "exact_match": exact_match(p, s["answers"])}
         for s, p in zip(samples, predictions)
     ]
-    return score(predictions, answers), records
+    judge_scores = None
+    if judging:
+        judge_scores = [rated[i] for i in range(len(samples))]
+        for record, value in zip(records, judge_scores):
+            record["judge"] = value / 10
+    return score(predictions, answers, judge_scores), records

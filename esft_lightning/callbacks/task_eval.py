@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from esft_lightning.evaluation import EvalSample, evaluate_set, load_eval_set
 from esft_lightning.files import atomic_write_text
+from esft_lightning.judge import JUDGE_TASKS, Judge, JudgeConfig, judge_task_for
 from esft_lightning.sharded_generation import UnshardPolicy, sharded_generation
 
 from .context import find_tokenizer, moe_model
@@ -22,13 +23,17 @@ class TaskEvalCallback(L.Callback):
     """Task metrics from greedy generation, at fit start (step 0), at the end of every validation in fit, when
     training ends after the last validation, and at the end of a test run (``esft test``).
 
-    Logs ``eval/<name>/<metric>`` (exact_match, chrf, bleu, rougeL) through the trainer's loggers (so a
-    CSVLogger puts them in metrics.csv, at the current global step) and writes every evaluation's scores
-    and predictions to ``<log_dir>/task_eval.json`` (rewritten atomically after each evaluation).
+    Logs ``eval/<name>/<metric>`` (exact_match, chrf, bleu, rougeL, and judge for the sets an LLM judge rates)
+    through the trainer's loggers (so a CSVLogger puts them in metrics.csv, at the current global step) and writes
+    every evaluation's scores and predictions to ``<log_dir>/task_eval.json`` (rewritten atomically after each
+    evaluation).
 
     Args:
-        eval_sets: ``[{"path": ..., "name": ...}]``: JSONL files in ESFT's eval format (``{"prompt",
-            "answers"}``) or the project's chat format (the last assistant turn is the reference).
+        eval_sets: ``[{"path": ..., "name": ..., "judge": ...}]``: JSONL files in ESFT's eval format (``{"prompt",
+            "answers"}``) or the project's chat format (the last assistant turn is the reference). ``judge``
+            (optional) is the judge prompt for the set: ``summary``, ``law``, ``translation``, ``generic`` or
+            ``none`` (not judged); by default the task the name contains (``summary``, ``law``, ``translation``),
+            ``none`` for ``intent`` (exact match is its metric, as in the paper), ``generic`` otherwise.
         max_new_tokens: generation length limit.
         batch_size: prompts generated together (left-padded).
         max_samples: first samples of each set to evaluate (None: all).
@@ -39,6 +44,10 @@ class TaskEvalCallback(L.Callback):
         fsdp_unshard: under FSDP2, ``auto`` gathers the whole model once per evaluation when it fits the
             device's free memory (no all-gather per new token) and else gathers per layer at every forward;
             ``always``/``never`` skip the memory check. See ``esft_lightning.sharded_generation``.
+        judge: an LLM judge (any OpenAI-compatible chat endpoint, see ``esft_lightning.judge.JudgeConfig``) that
+            rates each prediction 0-10 against its reference: ``eval/<name>/judge`` is the mean / 10, the ESFT
+            paper's metric for summary, law and translation. None (default): no judge, chrF and the rest only.
+            Scores are cached on disk, so re-evaluating unchanged predictions sends no request.
 
     Several ranks share the work: each generates its share of every set and the predictions are
     all-gathered (see ``evaluate_set``); rank 0's loggers record the scores and rank 0 writes the file.
@@ -54,6 +63,7 @@ class TaskEvalCallback(L.Callback):
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         model_attr: str | None = None,
         fsdp_unshard: UnshardPolicy = "auto",
+        judge: JudgeConfig | None = None,
     ) -> None:
         if not eval_sets:
             raise ValueError("TaskEvalCallback needs at least one eval set ({path, name})")
@@ -63,7 +73,14 @@ class TaskEvalCallback(L.Callback):
                 raise ValueError(
                     f"TaskEvalCallback eval_sets[{i}] needs a 'path' (and optionally a 'name'), got {spec!r}"
                 )
-            self.eval_sets.append({"path": spec["path"], "name": spec.get("name") or Path(spec["path"]).stem})
+            name = spec.get("name") or Path(spec["path"]).stem
+            task = spec.get("judge") or (judge_task_for(name) or "none")
+            if task not in (*JUDGE_TASKS, "none"):
+                raise ValueError(
+                    f"TaskEvalCallback eval_sets[{i}] judge must be one of {', '.join(JUDGE_TASKS)} or none, "
+                    f"got {task!r}"
+                )
+            self.eval_sets.append({"path": spec["path"], "name": name, "judge": task})
         names = [s["name"] for s in self.eval_sets]
         if len(set(names)) != len(names):
             raise ValueError(f"TaskEvalCallback eval set names must be distinct, got {names}")
@@ -72,6 +89,10 @@ class TaskEvalCallback(L.Callback):
         if fsdp_unshard not in ("auto", "always", "never"):
             raise ValueError(f"TaskEvalCallback fsdp_unshard must be 'auto', 'always' or 'never', got {fsdp_unshard!r}")
         self.fsdp_unshard: UnshardPolicy = fsdp_unshard
+        if isinstance(judge, dict):  # a plain mapping from Python code (the CLI passes a JudgeConfig)
+            judge = JudgeConfig(**judge)
+        # Built here (no request yet): its first use, at the step-0 evaluation, comes before any training step.
+        self.judge = Judge(judge) if judge is not None else None
         self.samples: dict[str, list[EvalSample]] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -110,8 +131,16 @@ class TaskEvalCallback(L.Callback):
             entry["generation"] = {"mode": mode, "prepare_seconds": round(time.perf_counter() - started, 3)}
             for spec in self.eval_sets:
                 started = time.perf_counter()
+                task = spec["judge"] if spec["judge"] != "none" else None
                 scores, records = evaluate_set(
-                    model, tokenizer, self.samples[spec["name"]], self.max_new_tokens, self.batch_size, mode
+                    model,
+                    tokenizer,
+                    self.samples[spec["name"]],
+                    self.max_new_tokens,
+                    self.batch_size,
+                    mode,
+                    judge=self.judge,
+                    judge_task=task,
                 )
                 seconds = time.perf_counter() - started
                 metrics.update({f"eval/{spec['name']}/{k}": v for k, v in scores.items()})
@@ -122,12 +151,15 @@ class TaskEvalCallback(L.Callback):
                     "samples_per_sec": round(len(records) / max(seconds, 1e-9), 2),
                     "predictions": records,
                 }
+                if task is not None and self.judge is not None:  # which judge and prompt made the judge score
+                    entry["sets"][spec["name"]]["judge"] = {"model": self.judge.config.model, "prompt": task}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append(entry)
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank asks
         if trainer.is_global_zero:
             atomic_write_text(folder / self.filename, json.dumps({"evaluations": self.history}, indent=1))
-            summary = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if "exact" in k)
+            shown = ("exact_match", "judge")
+            summary = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k.endswith(shown))
             rank_zero_info(f"ESFT task eval at step {trainer.global_step}: {summary}")
         return metrics
