@@ -362,3 +362,41 @@ def test_judge_config_round_trips_through_print_config(tmp_path, capsys):
     callbacks = yaml.safe_load(printed)["trainer"]["callbacks"]
     judge = next(c for c in callbacks if c["class_path"].endswith("TaskEvalCallback"))["init_args"]["judge"]
     assert judge["model"] == "judge-m" and judge["api_key_env"] == "K" and judge["max_retries"] == 5
+
+
+def _rank_worker(rank: int, world: int, folder: str, url: str, closed_url: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    try:
+        tokenizer = byte_tokenizer()
+        model = build_tiny_model("qwen3_moe", seed=0).eval()
+        samples = [{"prompt": f"User: q{i}\n\nAssistant:", "answers": ["r"]} for i in range(3)]
+        judge = Judge(JudgeConfig(base_url=url, model="m", api_key_env=None, cache_dir=f"{folder}/jc"))
+        # Lockstep ("gathered") mode pads rank 1's shard with sample 0: that repeat must not be judged twice.
+        scores, records = evaluate_set(model, tokenizer, samples, 2, mode="gathered", judge=judge, judge_task="law")
+        unreachable = Judge(JudgeConfig(base_url=closed_url, model="m", api_key_env=None, max_retries=0))
+        # One sample: only rank 0 judges (rank 1's shard is padding) and meets the dead endpoint; both must raise.
+        try:
+            evaluate_set(model, tokenizer, samples[:1], 2, mode="gathered", judge=unreachable, judge_task="law")
+            error = ""
+        except JudgeError as err:
+            error = str(err)
+        result = {"scores": scores, "judged": [r["judge"] for r in records], "error": error}
+        (Path(folder) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_share_the_judging_and_its_errors(stub, tmp_path):
+    import torch.multiprocessing as mp
+
+    closed = f"http://127.0.0.1:{closed_port()}/v1"
+    mp.spawn(_rank_worker, args=(2, str(tmp_path), stub.url, closed), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1]
+    assert results[0]["judged"] == [0.7] * 3 and results[0]["scores"]["judge"] == pytest.approx(0.7)
+    assert len(stub.posts()) == 3  # one rating per sample, whichever rank generated it
+    assert closed in results[0]["error"]
