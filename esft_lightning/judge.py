@@ -25,6 +25,8 @@ __all__ = [
     "Judge",
     "JudgeConfig",
     "JudgeError",
+    "config_help",
+    "judge_from_args",
     "judge_messages",
     "judge_task_for",
     "parse_score",
