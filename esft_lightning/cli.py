@@ -159,7 +159,13 @@ def _tool_main(command: str, argv: list[str]) -> None:
             default=None,
             help="a layer that cannot reach top_p without excluded experts keeps the rest (warning) instead of failing",
         )
-        # `esft select --joint TASK=SCORES.json ... --out DIR`: disjoint configs for several tasks (select_command.py)
+        parser.add_argument(  # listed for --help only: `--joint` is dispatched to select_command.py before this
+            "--joint",
+            nargs="+",
+            metavar="TASK=SCORES.json",
+            help="disjoint expert configs for several tasks from their scores files, written to --out DIR/<task>.json "
+            "(no model or config needed; see `esft select --joint x --help`)",
+        )
     ns, rest = parser.parse_known_args(argv)
     cli = make_cli(rest, run=False)
     from .files import atomic_write_text

@@ -17,9 +17,10 @@ def parse_tasks(pairs: list[str]) -> dict[str, str]:
     tasks: dict[str, str] = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
-        if not sep:  # no task name given: the file's stem, or its folder's name for the callback's expert_scores.json
-            path = pair
-            name = Path(pair).stem if Path(pair).stem != "expert_scores" else Path(pair).resolve().parent.name
+        if not sep:  # no task name given: the file's stem (the callback's expert_scores.json names no task)
+            path, name = pair, Path(pair).stem
+            if name == "expert_scores":
+                raise SystemExit(f"esft select --joint: name the task of {pair}: TASK={pair}")
         if not name or not path:
             raise SystemExit(f"esft select --joint: {pair!r} is not TASK=SCORES.json")
         if name in tasks:
