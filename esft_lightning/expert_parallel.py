@@ -132,14 +132,18 @@ def dispatch_combine(
     x_sent = hidden_TD.index_select(0, order_P // top_k)
     # torch's differentiable all-to-all: its backward sends the gradients back along the same splits.
     x_received = all_to_all_single_autograd(x_sent, receive_sizes, send_sizes, shard.group)
-    if torch.is_grad_enabled():
-        # Whether a rank's outputs need a gradient must not depend on which experts it owns: a rank whose experts
-        # are all frozen would otherwise skip the backward all-to-all that a rank owning a trained expert enters.
-        x_received = x_received + torch.zeros((), dtype=x_received.dtype, device=x_received.device, requires_grad=True)
     local_experts = torch.arange(shard.count, device=hidden_TD.device).repeat(shard.size)
     local_ids_R = torch.repeat_interleave(local_experts, received_SC.reshape(-1))
     ones_R1 = torch.ones((local_ids_R.numel(), 1), dtype=top_k_weights_TK.dtype, device=hidden_TD.device)
-    y_received = local_forward(experts, x_received, local_ids_R.unsqueeze(1), ones_R1)
+    if x_received.shape[0]:
+        y_received = local_forward(experts, x_received, local_ids_R.unsqueeze(1), ones_R1)
+    else:  # nothing came here; stay in the graph, so backward enters the first all-to-all like every rank
+        y_received = x_received * 0
+    if torch.is_grad_enabled():
+        # Whether the return all-to-all needs a gradient must not depend on which experts a rank owns: a rank
+        # whose experts are all frozen (or that received nothing) would otherwise skip the backward all-to-all
+        # that a rank owning a trained expert enters, and both would wait forever.
+        y_received = y_received + torch.zeros((), dtype=y_received.dtype, device=y_received.device, requires_grad=True)
     y_sent = all_to_all_single_autograd(y_received, send_sizes, receive_sizes, shard.group)
     weights_P1 = top_k_weights_TK.reshape(-1).index_select(0, order_P).unsqueeze(1)
     dtype = torch.float32 if hidden_TD.dtype in (torch.bfloat16, torch.float16) else hidden_TD.dtype
