@@ -14,7 +14,14 @@ from .experts import _install_split, remove_expert_split
 from .experts_forward import TRAINED_PREFIX, expert_param_names, has_split
 from .models import find_moe_layers
 
-__all__ = ["ExpertShard", "expert_parallel_mesh", "localize_experts", "dispatch_combine", "gather_expert_rows"]
+__all__ = [
+    "ExpertShard",
+    "dispatch_combine",
+    "expert_parallel_mesh",
+    "gather_expert_rows",
+    "localize_experts",
+    "routed_expert_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,19 @@ def localize_experts(model: nn.Module, mesh: Any) -> int:
         model.esft_expert_config = config  # (remove_expert_split dropped it with the global copies)
     _route_through_owners(model)
     return len(layers)
+
+
+def routed_expert_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the fused routed-expert tensors this rank holds, bytes of all of them in the model)."""
+    local = total = 0
+    for layer in find_moe_layers(model):
+        shard = getattr(layer.experts, "esft_expert_shard", None)
+        for name in expert_param_names(layer.experts):
+            param = getattr(layer.experts, name)
+            size = param.numel() * param.element_size()
+            local += size
+            total += size if shard is None else size // shard.count * shard.num_experts
+    return local, total
 
 
 def _route_through_owners(model: nn.Module) -> None:

@@ -9,13 +9,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
 from .callbacks.expert_selection import prepare_for_sharding
 from .distributed import (
     allow_unused_experts_under_ddp,
+    clip_grad_norm_across_ranks,
     current_host_bytes,
     data_parallel_mesh,
     is_fsdp2,
@@ -24,7 +25,7 @@ from .distributed import (
     shard_model,
     training_memory_bytes,
 )
-from .expert_parallel import expert_parallel_mesh, localize_experts
+from .expert_parallel import expert_parallel_mesh, localize_experts, routed_expert_bytes
 from .experts import is_trained_copy, trainable_summary
 from .models.loading import MODEL_ARGS, load_model, load_tokenizer, resolve_model_path
 from .selection import ExpertConfig
@@ -139,6 +140,8 @@ class ESFTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         allow_unused_experts_under_ddp(self.trainer.strategy)
+        if self.expert_parallel_size > 1:
+            _without_checkpoints(self.trainer, self.expert_parallel_size)
 
     def configure_model(self) -> None:
         """Build the model, apply the expert selection, and under FSDP2 (ModelParallelStrategy) shard every
@@ -160,6 +163,11 @@ class ESFTModule(L.LightningModule):
         if self.expert_parallel_size > 1:
             expert_mesh = expert_parallel_mesh(dp_mesh.device_type, dp_mesh.size(), self.expert_parallel_size)
             localize_experts(model, expert_mesh)
+            local, total = routed_expert_bytes(model)
+            log.info(
+                f"ESFT EP rank {self.global_rank}: routed-expert bytes {local} local of {total} "
+                f"({self.expert_parallel_size} expert-parallel ranks)"
+            )
         files = WeightFiles(self.model_path, model) if on_meta(model) and has_safetensors(self.model_path) else None
         rank0 = self.sharded_over_ranks and files is None and expert_mesh is None
         read = shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=rank0, files=files, expert_mesh=expert_mesh)
@@ -292,6 +300,19 @@ class ESFTModule(L.LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
         }
 
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's clipping, except under expert parallelism: there the norm spans every rank's experts."""
+        if self.expert_parallel_size > 1 and gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(
+                    f"gradient_clip_algorithm={gradient_clip_algorithm!r} under expert parallelism: only 'norm'"
+                )
+            clip_grad_norm_across_ranks([p for p in self.parameters() if p.requires_grad], gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # -- small checkpoints ------------------------------------------------------------------------
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict:
         """Once experts are selected: with ``save_trainable_only`` only the trainable tensors (small checkpoints);
@@ -336,3 +357,23 @@ class ESFTModule(L.LightningModule):
 
     def trainable_summary(self) -> dict[str, int]:
         return trainable_summary(self.model)
+
+
+def _without_checkpoints(trainer: L.Trainer, expert_parallel_size: int) -> None:
+    """Expert parallelism cannot checkpoint yet: every rank's experts (and their AdamW state) would be saved
+    under the same names and only rank 0's would survive, so a resume would silently train other weights.
+    Refuse to resume; take the ModelCheckpoint callbacks out (with a warning) rather than write such files."""
+    if trainer.ckpt_path:
+        raise ValueError(
+            f"resuming under expert parallelism (expert_parallel_size={expert_parallel_size}) is not supported yet: "
+            "run without --ckpt_path, or resume the checkpoint of an FSDP2 run with configs/fsdp.yaml"
+        )
+    checkpoints = list(trainer.checkpoint_callbacks)
+    if checkpoints:
+        for callback in checkpoints:
+            trainer.callbacks.remove(callback)
+        rank_zero_warn(
+            f"ESFT: checkpoints are not written under expert parallelism yet (expert_parallel_size="
+            f"{expert_parallel_size}): {len(checkpoints)} ModelCheckpoint callback(s) turned off. The adapter is "
+            "still written when fit ends."
+        )

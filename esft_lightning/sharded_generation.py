@@ -183,6 +183,11 @@ def sharded_generation(
     if policy not in ("auto", "always", "never"):
         raise ValueError(f"unshard policy must be 'auto', 'always' or 'never', got {policy!r}")
     modules = fsdp_modules(model)
+    if any(getattr(m, "esft_expert_shard", None) is not None for m in model.modules()):
+        # Expert parallel: every forward sends tokens to the experts' owners, so all ranks must step together.
+        _info("ESFT generation under expert parallelism: ranks in lockstep (tokens travel to their experts' owners)")
+        yield "gathered"
+        return
     if not modules:
         # Sharded some other way (DTensor parameters without FSDP2): forwards may communicate, keep in step.
         yield "gathered" if any(isinstance(p, DTensor) for p in model.parameters()) else "local"

@@ -125,3 +125,46 @@ def test_expert_parallel_size_must_divide_the_ranks_and_the_experts(tmp_path):
     model = build_tiny_model("deepseek_v3")  # 16 experts
     with pytest.raises(ValueError, match="layer 1 has 16 routed experts, which 3 expert-parallel ranks cannot split"):
         localize_experts(model, Mesh(ep=Dim()))
+
+
+@pytest.mark.slow
+def test_expert_parallel_fit_trains_the_same_adapter_as_fsdp2(tmp_path):
+    """`esft fit` with configs/ep.yaml on 2 ranks from a saved model: same selection and adapter as FSDP2, each rank
+    holding half of every layer's routed experts."""
+    import re
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from esft_lightning import ESFTModule
+
+    from .conftest import REPO
+    from .test_cli import quick_config
+    from .test_fsdp import two_process_fit
+
+    adapters = {}
+    for name, strategy in (("fsdp", "configs/fsdp.yaml"), ("ep", "configs/ep.yaml")):
+        cfg_path = quick_config(tmp_path / name, steps=3)
+        cfg = yaml.safe_load(cfg_path.read_text())
+        if not (tmp_path / "model").exists():
+            saved = ESFTModule(family=cfg["model"]["family"], model_config=cfg["model"]["model_config"], seed=0)
+            saved.build_model().save_pretrained(tmp_path / "model", max_shard_size="300KB")
+        cfg["model"] = {"model": str(tmp_path / "model"), "optimizer": cfg["model"]["optimizer"]}
+        cfg["trainer"]["callbacks"][0]["init_args"].update(max_tokens=1024)
+        cfg["trainer"]["gradient_clip_val"] = 1e-3  # clipping active: the norm must span every rank's experts
+        callbacks = cfg["trainer"]["callbacks"]
+        cfg["trainer"]["callbacks"] = [c for c in callbacks if "ModelCheckpoint" not in c["class_path"]]
+        cfg["trainer"]["enable_checkpointing"] = False
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        out = two_process_fit(cfg_path, tmp_path, strategy_config=str(REPO / strategy))
+        if name == "ep":
+            shares = re.findall(r"ESFT EP rank \d: routed-expert bytes (\d+) local of (\d+)", out)
+            assert len(shares) == 2 and all(int(a) * 2 == int(b) for a, b in shares), shares
+        run = sorted((tmp_path / name / "run" / "logs").glob("version_*"))[-1]
+        adapters[name] = (
+            ExpertConfig.load(run / "expert_cfg.json").experts,
+            load_file(str(run / "adapter/adapter.safetensors")),
+        )
+    assert adapters["ep"][0] == adapters["fsdp"][0]
+    for key, value in adapters["fsdp"][1].items():
+        torch.testing.assert_close(adapters["ep"][1][key], value, atol=1e-5, rtol=1e-4)

@@ -51,7 +51,9 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        return int(self.experts.num_experts)
+        # Under expert parallelism the module holds only its rank's experts; routing still spans all of them.
+        shard = getattr(self.experts, "esft_expert_shard", None)
+        return int(shard.num_experts if shard is not None else self.experts.num_experts)
 
     @property
     def top_k(self) -> int:
