@@ -266,10 +266,13 @@ def plan_inputs(config: Any, trainer: L.Trainer | None = None, module: Any = Non
         strategy = (
             "fsdp2" if is_fsdp2(trainer.strategy) else "ddp" if isinstance(trainer.strategy, DDPStrategy) else "single"
         )
+        expert_parallel = int(getattr(trainer.strategy, "expert_parallel_size", 1))
     else:
         per_node = _device_count(tr.devices, on_cpu)
         world = per_node * int(tr.num_nodes or 1)
         strategy = _strategy_name(tr.strategy, world)
+        init_args = tr.strategy.get("init_args") if hasattr(tr.strategy, "get") else None
+        expert_parallel = int((init_args.get("expert_parallel_size") if init_args else None) or 1)
     precision = str(tr.precision or "")
     compute = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else None
     if strategy == "fsdp2" and model.get("fsdp_bf16"):
@@ -282,6 +285,7 @@ def plan_inputs(config: Any, trainer: L.Trainer | None = None, module: Any = Non
         world_size=world, strategy=strategy, micro_batch=int(data.batch_size), seq_length=int(data.seq_length),
         activation_checkpointing=bool(model.activation_checkpointing), compute_dtype=compute, spec=spec,
         profile_batch=profile_batch or int(data.batch_size), device_memory=device_memory, devices_per_node=per_node,
+        expert_parallel_size=expert_parallel if strategy == "fsdp2" else 1,
     )  # fmt: skip
     return load_args, request
 
@@ -383,10 +387,11 @@ def format_plan(plan: Any) -> str:
     if sel["score_function"] in ("all", "none") and sel["kind"] == "exact" and r.expert_config is None:
         kind = f"exact (score_function {sel['score_function']})"
     big = max(v.total_bytes for v in plan.scenarios.values()) >= GiB
+    ep = f" with expert parallelism {r.expert_parallel_size}" if r.expert_parallel_size > 1 else ""
     unit, scale = ("GiB", GiB) if big else ("MiB", 2**20)
     lines = [
         f"{plan.model_type}: {_count(plan.total_params)} parameters; {r.world_size} rank(s), strategy "
-        f"{r.strategy}, micro-batch {r.micro_batch} x {r.seq_length} tokens, activation checkpointing "
+        f"{r.strategy}{ep}, micro-batch {r.micro_batch} x {r.seq_length} tokens, activation checkpointing "
         f"{'on' if r.activation_checkpointing else 'off'}",
         f"ESFT selection: {sel['selected_experts']} experts, {_count(sel['trainable_params'])} trainable "
         f"parameters ({sel['trainable_dtype'] or 'model dtype'}); trainable sizes are {kind}",
@@ -403,8 +408,9 @@ def format_plan(plan: Any) -> str:
         need = max(plan.per_rank.total_bytes, plan.profiling_bytes)
         verdict = "fits" if plan.fits else f"does NOT fit: short by {plan.shortfall_bytes / GiB:.2f} GiB"
         lines.append(
-            f"this run (ESFT {r.strategy}): {need / GiB:.2f} GiB per rank of {usable(r.device_memory) / GiB:.2f} "
-            f"GiB usable ({HEADROOM:.0%} of {r.device_memory / GiB:.2f} GiB): {verdict}"
+            f"this run (ESFT {'ep' if ep else r.strategy}): {need / GiB:.2f} GiB per rank of "
+            f"{usable(r.device_memory) / GiB:.2f} GiB usable ({HEADROOM:.0%} of {r.device_memory / GiB:.2f} GiB): "
+            f"{verdict}"
         )
         lines += [f"  fix: {fix}" for fix in plan.fixes]
     return "\n".join(lines)

@@ -3,8 +3,10 @@
 The model is built on the meta device (no weights read or allocated), the expert selection is applied to it with
 esft_lightning's own functions, and every byte count follows from the tensors' shapes and dtypes and from how each
 strategy places them: FSDP2 shards every parameter on dim 0 over the world (``torch.chunk``: the first ranks hold
-the larger chunks), DDP keeps a full copy per rank. Weights, gradients and optimizer state are exact for a given
-selection; activations are an estimate (see ``activation_bytes``). ``esft plan`` prints it; ``esft fit`` checks it.
+the larger chunks), DDP keeps a full copy per rank, expert parallelism (``expert_parallel_size`` N) keeps E/N whole
+routed experts per rank and the trainable copies of the selected ones on their owners. Weights, gradients and
+optimizer state are exact for a given selection; activations are an estimate (see ``activation_bytes``).
+``esft plan`` prints it; ``esft fit`` checks it.
 """
 
 from __future__ import annotations
@@ -65,10 +67,19 @@ class PlanRequest:
     profile_batch: int | None = None
     device_memory: int | None = None
     devices_per_node: int = 8
+    expert_parallel_size: int = 1
+    """``fsdp2`` with N > 1 (``FSDP2Strategy(expert_parallel_size=N)``): every MoE layer's routed experts split
+    over N ranks (E/N whole experts each, FSDP2-sharded over the world / N ranks holding the same ones), the rest
+    FSDP2 over the world: the ``esft_ep`` / ``fft_ep`` scenarios, and ``per_rank`` is ``esft_ep``."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.expert_parallel_size > 1 and (self.strategy != "fsdp2" or self.world_size % self.expert_parallel_size):
+            raise ValueError(
+                f"expert_parallel_size={self.expert_parallel_size} needs the fsdp2 strategy and a world size it "
+                f"divides (got {self.strategy}, {self.world_size} ranks)"
+            )
 
 
 @dataclass
@@ -85,7 +96,8 @@ class RankMemory:
     activations_checkpointing_bytes: int
     comm_bytes: int
     """FSDP2: the unsharded root group plus two layers gathered (prefetch) and one layer's unsharded gradients;
-    DDP: its gradient buckets (a second copy of the gradients)."""
+    DDP: its gradient buckets (a second copy of the gradients); expert parallelism: as FSDP2, but a gathered layer
+    holds only this rank's own experts, plus one layer's all-to-all send and receive buffers."""
     total_bytes: int
 
 
@@ -96,9 +108,16 @@ class _Tensor:
     trainable: bool
     group: str
     """FSDP2 unit: ``layer.<i>`` or ``root``."""
+    experts: tuple[int, ...] | None = None
+    """A routed-expert tensor: the global expert id of each dim-0 row (fused: all; trainable copy: the selected)."""
+    num_experts: int = 0
 
-    def local_bytes(self, world: int, rank: int, sharded: bool) -> int:
+    def local_bytes(self, world: int, rank: int, sharded: bool, ep: int = 1) -> int:
         rows = self.shape[0] if self.shape else 1
+        if ep > 1 and self.experts is not None:  # mesh (edp, ep): rank = edp index x ep + expert-parallel rank
+            per_rank = self.num_experts // ep
+            rows = sum(1 for e in self.experts if e // per_rank == rank % ep)  # whole experts, on their owner
+            world, rank = world // ep, rank // ep  # then FSDP2 over the ranks holding the same experts
         if sharded and self.shape:  # fully_shard: torch.chunk on dim 0
             chunk = -(-rows // world)
             rows = max(0, min(chunk, rows - rank * chunk))
@@ -197,11 +216,21 @@ def _group_of(model: nn.Module) -> dict[int, str]:
 
 def _tensors(model: nn.Module, dtype: torch.dtype | None = None, train_all: bool = False) -> list[_Tensor]:
     group = _group_of(model)
+    routed: dict[int, tuple[tuple[int, ...], int]] = {}  # routed-expert tensors: their rows' experts, E
+    for layer in find_moe_layers(model):
+        selected = tuple(int(e) for e in getattr(layer.experts, "esft_expert_ids", torch.empty(0)).tolist())
+        for name, p in layer.experts.named_parameters(recurse=False):
+            routed[id(p)] = (
+                selected if name.startswith("esft_") else tuple(range(layer.num_experts)),
+                layer.num_experts,
+            )
     out = []
     for p in model.parameters():
         itemsize = (dtype or p.dtype).itemsize if p.is_floating_point() else p.element_size()
         trainable = (train_all and p.is_floating_point()) or p.requires_grad
-        out.append(_Tensor(tuple(p.shape), itemsize, trainable, group.get(id(p), "root")))
+        out.append(
+            _Tensor(tuple(p.shape), itemsize, trainable, group.get(id(p), "root"), *routed.get(id(p), (None, 0)))
+        )
     return out
 
 
@@ -261,23 +290,26 @@ def _profiling_bytes(model: nn.Module, tensors: list[_Tensor], tokens: int, item
 
 
 def _rank_memory(
-    tensors: list[_Tensor], strategy: str, world: int, rank: int, activations: tuple[int, int], checkpointing: bool
-) -> RankMemory:
-    sharded = strategy == "fsdp2"
-    params = sum(t.local_bytes(world, rank, sharded) for t in tensors)
-    trainable = sum(t.local_bytes(world, rank, sharded) for t in tensors if t.trainable)
+    tensors: list[_Tensor], strategy: str, world: int, rank: int, activations: tuple[int, int], checkpointing: bool,
+    ep: int = 1, all_to_all: int = 0,
+) -> RankMemory:  # fmt: skip
+    """``strategy`` ``ep``: FSDP2 with routed experts split over ``ep`` ranks; ``all_to_all``: one layer's token
+    all-to-all buffers (send and receive) under it."""
+    sharded, ep = strategy in ("fsdp2", "ep"), ep if strategy == "ep" else 1
+    params = sum(t.local_bytes(world, rank, sharded, ep) for t in tensors)
+    trainable = sum(t.local_bytes(world, rank, sharded, ep) for t in tensors if t.trainable)
     optimizer = 2 * trainable  # AdamW: exp_avg and exp_avg_sq, each like the parameter
     if sharded:
         groups: dict[str, list[int]] = {}
         for t in tensors:
-            full = t.local_bytes(1, 0, False)
+            full = t.local_bytes(ep, rank % ep, False, ep)  # unsharded; under EP this rank's own experts only
             entry = groups.setdefault(t.group, [0, 0])
             entry[0] += full
             entry[1] += full if t.trainable else 0
         root = groups.pop("root", [0, 0])
         layer_params = max((v[0] for v in groups.values()), default=0)
         layer_grads = max((v[1] for v in groups.values()), default=0)
-        comm = root[0] + root[1] + 2 * layer_params + layer_grads
+        comm = root[0] + root[1] + 2 * layer_params + layer_grads + (all_to_all if ep > 1 else 0)
     else:
         comm = trainable if strategy == "ddp" else 0
     acts = activations[1] if checkpointing else activations[0]
@@ -312,20 +344,33 @@ def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
     profile_tokens = (request.profile_batch or request.micro_batch) * request.seq_length
     profiling = _profiling_bytes(model, fft, profile_tokens, itemsize)
 
+    ep = request.expert_parallel_size
+    uneven = [layer.index for layer in find_moe_layers(model) if layer.num_experts % ep]
+    if uneven:
+        raise ValueError(f"expert_parallel_size={ep} does not divide the routed experts of layers {uneven}")
+    hidden = model.config.get_text_config().hidden_size
+    top_k = max((layer.top_k for layer in find_moe_layers(model)), default=0)
+    all_to_all = 2 * top_k * hidden * itemsize  # per token: one layer's send and receive buffers under EP
+
     def memory(tensors: list[_Tensor], strategy: str, world: int, checkpointing: bool, micro: int) -> RankMemory:
         acts = tuple(a * micro // request.micro_batch for a in activations)
-        return _rank_memory(tensors, strategy, world, 0, acts, checkpointing)  # rank 0 holds the largest chunks
+        # rank 0 holds the largest chunks; under EP the largest rank is among the first EP group (edp index 0)
+        ranks = range(ep) if strategy == "ep" else range(1)
+        return max((_rank_memory(tensors, strategy, world, rank, acts, checkpointing, ep, all_to_all * micro *
+                                 request.seq_length) for rank in ranks), key=lambda m: m.total_bytes)  # fmt: skip
 
     r = request
     strategies = ("fsdp2", "ddp") if r.strategy != "single" else ("fsdp2", "ddp", "single")
+    strategies = ("ep", *strategies) if ep > 1 else strategies
     scenarios = {
         f"{method}_{s}": memory(tensors, s, r.world_size, r.activation_checkpointing, r.micro_batch)
         for method, tensors in (("esft", esft), ("fft", fft))
         for s in strategies
     }
-    per_rank = scenarios[f"esft_{r.strategy}"]
+    own = "ep" if ep > 1 else r.strategy
+    per_rank = scenarios[f"esft_{own}"]
     by_rank = [
-        {k: v for k, v in asdict(_rank_memory(esft, r.strategy, r.world_size, rank, activations, False)).items()
+        {k: v for k, v in asdict(_rank_memory(esft, own, r.world_size, rank, activations, False, ep)).items()
          if k in ("params_bytes", "trainable_bytes", "grads_bytes", "optimizer_bytes")}
         for rank in range(min(r.world_size, 64))
     ]  # fmt: skip
@@ -352,8 +397,9 @@ def _fixes(tensors: list[_Tensor], r: PlanRequest, memory: Any, budget: int) -> 
     """What would make the run fit, cheapest first: a strategy that shards, activation checkpointing, a smaller
     micro-batch (data.global_batch_size keeps the batch), then more GPUs."""
     fixes = []
+    own, ep = ("ep", r.expert_parallel_size) if r.expert_parallel_size > 1 else (r.strategy, 1)
 
-    def fits(strategy: str = r.strategy, world: int = r.world_size, ac: bool = r.activation_checkpointing,
+    def fits(strategy: str = own, world: int = r.world_size, ac: bool = r.activation_checkpointing,
              micro: int = r.micro_batch) -> bool:  # fmt: skip
         return memory(tensors, strategy, world, ac, micro).total_bytes <= budget
 
@@ -372,13 +418,15 @@ def _fixes(tensors: list[_Tensor], r: PlanRequest, memory: Any, budget: int) -> 
             break
     per_node = max(8, r.devices_per_node)  # nodes of 8 GPUs unless the run's nodes have more
     worlds = [w for w in range(r.world_size + 1, per_node + 1)] + [per_node * n for n in range(2, 129)]
+    sharding = "ep" if ep > 1 else "fsdp2"
     for ac in (r.activation_checkpointing, True):
-        world = next((w for w in worlds if w > r.world_size and fits("fsdp2", w, ac)), None)
+        world = next((w for w in worlds if w > r.world_size and w % ep == 0 and fits(sharding, w, ac)), None)
         if world is not None:
             nodes = -(-world // per_node)
             where = f"--trainer.devices {world}" if world <= per_node else f"{nodes} nodes x {per_node} GPUs"
             extra = " and activation checkpointing" if ac and not r.activation_checkpointing else ""
-            fixes.append(f"more GPUs: {world} with FSDP2{extra} ({where})")
+            how = f"expert parallelism {ep}" if ep > 1 else "FSDP2"
+            fixes.append(f"more GPUs: {world} with {how}{extra} ({where})")
             break
     if fixes:
         return fixes

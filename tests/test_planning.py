@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import yaml
 
 from esft_lightning import ESFTModule
 from esft_lightning.cli import MemoryPlanError, main, parse_config, plan_inputs
+from esft_lightning.models import find_moe_layers
 from esft_lightning.planning import (
     HEADROOM,
     GiB,
@@ -69,6 +71,37 @@ def test_bound_and_fsdp_chunks():
     assert one.selection["kind"] == "exact" and one.selection["selected_experts"] == len(config.experts)
     assert one.per_rank.trainable_bytes * 4 == pytest.approx(plan.scenarios["esft_ddp"].trainable_bytes, rel=0.01)
     assert parse_bytes("80GiB") == 80 * GiB and parse_bytes("H200") > parse_bytes("H100") > 79 * GiB
+
+
+def test_expert_parallel_plan_splits_routed_experts_by_owner():
+    model = build_meta_model(family="deepseek_v3", model_config={"num_hidden_layers": 3}, dtype="bfloat16")
+    selected = {1: [0, 1, 2, 9], 2: [15]}  # 16 experts a layer; EP 2: experts 0-7 on rank 0, 8-15 on rank 1
+    request = PlanRequest(world_size=4, micro_batch=1, seq_length=64, expert_parallel_size=2)
+    plan = plan_memory(model, replace(request, expert_config=ExpertConfig(selected)))
+    assert "esft_ep" in plan.scenarios and plan.per_rank == plan.scenarios["esft_ep"]
+    layers = {layer.index: layer for layer in find_moe_layers(model)}
+    fused = sum(p.numel() * p.element_size() for i in layers for n, p in layers[i].experts.named_parameters()
+                if not n.startswith("esft_"))  # fmt: skip
+    row = {
+        i: sum(p[0].numel() * 4 for n, p in layers[i].experts.named_parameters() if n.startswith("esft_"))
+        for i in layers
+    }  # fmt: skip  (one selected expert's fp32 copy)
+    whole = plan.scenarios["esft_ddp"].params_bytes  # every parameter once
+    rest = whole - fused - sum(row[i] * len(ids) for i, ids in selected.items())
+    by_rank = plan.by_rank
+    assert sum(r["params_bytes"] for r in by_rank) == whole  # each byte on exactly one rank
+    # ranks 0 and 2 hold experts 0-7 (and the copies of 0, 1, 2), ranks 1 and 3 experts 8-15 (copies of 9, 15):
+    # each pair splits its experts' rows by FSDP2 over the two ranks holding the same experts
+    assert by_rank[0]["trainable_bytes"] + by_rank[2]["trainable_bytes"] == 3 * row[1]
+    assert by_rank[1]["trainable_bytes"] + by_rank[3]["trainable_bytes"] == row[1] + row[2]
+    expert_bytes = [r["params_bytes"] - r["trainable_bytes"] for r in by_rank]
+    assert sum(expert_bytes) == fused + rest and max(expert_bytes) <= fused / 4 + rest / 4 + 2**16
+    assert plan.per_rank.params_bytes == max(r["params_bytes"] for r in by_rank)
+    # without EP every rank holds 1/4 of every expert tensor (and the FSDP2 all-gather brings in all of them)
+    assert plan.per_rank.comm_bytes < plan.scenarios["esft_fsdp2"].comm_bytes
+    with pytest.raises(ValueError, match="does not divide the routed experts"):
+        plan_memory(build_meta_model(family="deepseek_v3", model_config={"num_hidden_layers": 3}),
+                    replace(request, world_size=3, expert_parallel_size=3))  # fmt: skip
 
 
 def _peak_bytes(model, ids) -> int:
@@ -161,6 +194,31 @@ def test_plan_equals_measured_bytes_one_and_two_ranks(tmp_path):
         assert planned["params_bytes"] == pytest.approx(int(params), rel=0.02)
         assert planned["grads_bytes"] == pytest.approx(int(grads), rel=0.02)
         assert planned["optimizer_bytes"] == pytest.approx(int(state), rel=0.02)
+    assert plan["per_rank"]["params_bytes"] == max(int(p) for _, p, _, _ in found)
+
+
+@pytest.mark.slow
+def test_plan_equals_measured_bytes_expert_parallel(tmp_path):
+    """Under expert parallelism (2 ranks, EP 2, gloo; bf16 model, fp32 trainable copies): each rank's parameter,
+    gradient and AdamW-state bytes equal the plan's for that rank within 2 %, the ranks owning different numbers of
+    selected experts (rank 0: expert 2; rank 1: experts 9 and 12 of 16)."""
+    selection = tmp_path / "expert_cfg.json"
+    ExpertConfig({1: [9, 2, 12]}).save(selection)
+    cfg = quick_config(tmp_path, steps=2, expert_config=str(selection))
+    out = two_process_fit(cfg, tmp_path, "--model.dtype", "bfloat16", strategy_config="configs/ep.yaml")
+    found = re.findall(r"ESFT memory rank (\d): param_bytes (\d+), grad_bytes (\d+), optimizer_state_bytes (\d+)", out)
+    assert len(found) == 2
+    args = ("--config", str(cfg), "--config", str(REPO / "configs/ep.yaml"), "--trainer.devices", "2",
+            "--trainer.accelerator", "cpu", "--model.dtype", "bfloat16")  # fmt: skip
+    plan = _plan(*args, expert_config=selection)
+    assert plan["strategy"] == "fsdp2" and "esft_ep" in plan["scenarios"]
+    for rank, params, grads, state in found:
+        planned = plan["by_rank"][int(rank)]
+        assert planned["params_bytes"] == pytest.approx(int(params), rel=0.02)
+        assert planned["grads_bytes"] == pytest.approx(int(grads), rel=0.02)
+        assert planned["optimizer_bytes"] == pytest.approx(int(state), rel=0.02)
+    grads = {int(rank): int(g) for rank, _, g, _ in found}
+    assert grads[1] == pytest.approx(2 * grads[0], rel=0.02)  # two selected experts' copies on rank 1, one on 0
     assert plan["per_rank"]["params_bytes"] == max(int(p) for _, p, _, _ in found)
 
 
