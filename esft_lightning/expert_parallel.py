@@ -19,6 +19,9 @@ __all__ = [
     "dispatch_combine",
     "expert_parallel_mesh",
     "gather_expert_rows",
+    "globalize_expert_state",
+    "has_expert_shards",
+    "localize_expert_state",
     "localize_experts",
     "routed_expert_bytes",
 ]
@@ -190,3 +193,56 @@ def gather_expert_rows(experts: nn.Module, name: str, local: torch.Tensor) -> to
             rows.update({e: part[i] for i, e in enumerate(mine)})
         return torch.stack([rows[e] for e in shard.selected])
     return torch.cat(parts)
+
+
+def has_expert_shards(model: nn.Module) -> bool:
+    """Whether any experts module of ``model`` is split over expert-parallel ranks."""
+    return any(getattr(m, "esft_expert_shard", None) is not None for m in model.modules())
+
+
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str, ExpertShard | None]:
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = root.get_submodule(module_name)
+    except AttributeError:
+        return root, leaf, None
+    return module, leaf, getattr(module, "esft_expert_shard", None)
+
+
+def globalize_expert_state(root: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """A state (parameters, or an optimizer state per parameter name) with each expert-parallel tensor replaced
+    by the whole layer's rows gathered from their owners (trainable copies in selection order, fused tensors
+    all experts): what a checkpoint holds, the same whatever the expert parallelism. Every rank calls it."""
+    out = dict(state)
+    for name in sorted(state):  # the same collectives in the same order on every rank
+        module, leaf, shard = _owner(root, name)
+        if shard is None:
+            continue
+        value = state[name]
+        if isinstance(value, dict):  # an optimizer state: its per-row tensors (exp_avg, ...), not the step count
+            out[name] = {
+                k: gather_expert_rows(module, leaf, v) if torch.is_tensor(v) and v.dim() > 0 else v
+                for k, v in sorted(value.items())
+            }
+        elif torch.is_tensor(value):
+            out[name] = gather_expert_rows(module, leaf, value)
+    return out
+
+
+def localize_expert_state(root: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``globalize_expert_state``: this rank's rows of each expert-parallel tensor."""
+    out = dict(state)
+    for name, value in state.items():
+        module, leaf, shard = _owner(root, name)
+        if shard is None:
+            continue
+        if leaf.startswith(TRAINED_PREFIX):
+            rows = [shard.selected.index(shard.first + int(i)) for i in module.esft_expert_ids.tolist()]
+        else:
+            rows = list(range(shard.first, shard.first + shard.count))
+
+        def mine(t: Any, rows: list[int] = rows) -> Any:
+            return t[rows] if torch.is_tensor(t) and t.dim() > 0 else t
+
+        out[name] = {k: mine(v) for k, v in value.items()} if isinstance(value, dict) else mine(value)
+    return out

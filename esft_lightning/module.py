@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -140,8 +140,6 @@ class ESFTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         allow_unused_experts_under_ddp(self.trainer.strategy)
-        if self.expert_parallel_size > 1:
-            _without_checkpoints(self.trainer, self.expert_parallel_size)
 
     def configure_model(self) -> None:
         """Build the model, apply the expert selection, and under FSDP2 (ModelParallelStrategy) shard every
@@ -357,23 +355,3 @@ class ESFTModule(L.LightningModule):
 
     def trainable_summary(self) -> dict[str, int]:
         return trainable_summary(self.model)
-
-
-def _without_checkpoints(trainer: L.Trainer, expert_parallel_size: int) -> None:
-    """Expert parallelism cannot checkpoint yet: every rank's experts (and their AdamW state) would be saved
-    under the same names and only rank 0's would survive, so a resume would silently train other weights.
-    Refuse to resume; take the ModelCheckpoint callbacks out (with a warning) rather than write such files."""
-    if trainer.ckpt_path:
-        raise ValueError(
-            f"resuming under expert parallelism (expert_parallel_size={expert_parallel_size}) is not supported yet: "
-            "run without --ckpt_path, or resume the checkpoint of an FSDP2 run with configs/fsdp.yaml"
-        )
-    checkpoints = list(trainer.checkpoint_callbacks)
-    if checkpoints:
-        for callback in checkpoints:
-            trainer.callbacks.remove(callback)
-        rank_zero_warn(
-            f"ESFT: checkpoints are not written under expert parallelism yet (expert_parallel_size="
-            f"{expert_parallel_size}): {len(checkpoints)} ModelCheckpoint callback(s) turned off. The adapter is "
-            "still written when fit ends."
-        )

@@ -152,9 +152,6 @@ def test_expert_parallel_fit_trains_the_same_adapter_as_fsdp2(tmp_path):
         cfg["model"] = {"model": str(tmp_path / "model"), "optimizer": cfg["model"]["optimizer"]}
         cfg["trainer"]["callbacks"][0]["init_args"].update(max_tokens=1024)
         cfg["trainer"]["gradient_clip_val"] = 1e-3  # clipping active: the norm must span every rank's experts
-        callbacks = cfg["trainer"]["callbacks"]
-        cfg["trainer"]["callbacks"] = [c for c in callbacks if "ModelCheckpoint" not in c["class_path"]]
-        cfg["trainer"]["enable_checkpointing"] = False
         cfg_path.write_text(yaml.safe_dump(cfg))
         out = two_process_fit(cfg_path, tmp_path, strategy_config=str(REPO / strategy))
         if name == "ep":
@@ -168,3 +165,36 @@ def test_expert_parallel_fit_trains_the_same_adapter_as_fsdp2(tmp_path):
     assert adapters["ep"][0] == adapters["fsdp"][0]
     for key, value in adapters["fsdp"][1].items():
         torch.testing.assert_close(adapters["ep"][1][key], value, atol=1e-5, rtol=1e-4)
+    # The checkpoints have the same format: every owner's experts gathered into the layer's rows.
+    saved = {
+        name: torch.load(next((tmp_path / name / "run" / "logs").glob("version_*/checkpoints/last.ckpt")))
+        for name in adapters
+    }
+    ep_state, fsdp_state = saved["ep"]["state_dict"], saved["fsdp"]["state_dict"]
+    assert {k: v.shape for k, v in ep_state.items()} == {k: v.shape for k, v in fsdp_state.items()}
+    for key, value in fsdp_state.items():
+        torch.testing.assert_close(ep_state[key], value, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_expert_parallel_kill_and_resume_equals_uninterrupted(tmp_path):
+    from safetensors.torch import load_file
+
+    from .conftest import REPO
+    from .test_cli import quick_config
+    from .test_fsdp import two_process_fit
+
+    ep = str(REPO / "configs/ep.yaml")
+    two_process_fit(quick_config(tmp_path / "a", steps=6), tmp_path, strategy_config=ep)
+    run_a = sorted((tmp_path / "a/run/logs").glob("version_*"))[-1]
+    cfg = quick_config(tmp_path / "b", steps=4)
+    two_process_fit(cfg, tmp_path, strategy_config=ep)
+    ckpt = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1] / "checkpoints/last.ckpt"
+    (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
+    out = two_process_fit(cfg, tmp_path, "--trainer.max_steps", "6", "--ckpt_path", "last", strategy_config=ep)
+    assert "resumed exactly" in out and "not restored" not in out
+    run_b = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1]
+    a, b = load_file(str(run_a / "adapter/adapter.safetensors")), load_file(str(run_b / "adapter/adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:  # bitwise: resumed exactly, not close
+        assert torch.equal(b[key], a[key]), (key, float((b[key] - a[key]).abs().max()))
