@@ -262,3 +262,50 @@ def test_counts_add_up_over_batches():
     both = count_cooccurrence(model, [*batches(1, seed=1), *batches(1, seed=2)])
     for k in both:
         assert torch.equal(both[k], one[k] + two[k])
+
+
+def test_granularity_rows_structure(tmp_path):
+    """The runner end to end on a tiny model, one step per run: one row per (G, method, seed) with its costs."""
+    from esft_lightning import synthetic
+    from esft_lightning.analysis import granularity_rows, summarise_granularity
+
+    model = build_tiny_model("qwen3_moe", vocab_size=259)
+    model.save_pretrained(tmp_path / "model")
+    task = synthetic.write_jsonl(tmp_path / "task.jsonl", synthetic.chat_records("cipher", 24))
+    general = synthetic.write_jsonl(
+        tmp_path / "general.jsonl", synthetic.mixed_records(sorted(synthetic.GENERAL_DOMAINS), 24)
+    )
+    task_eval = synthetic.write_jsonl(tmp_path / "task_eval.jsonl", synthetic.eval_records("cipher", 2))
+    rows = granularity_rows(
+        tmp_path / "model",
+        task,
+        general,
+        task_eval,
+        task_eval,
+        group_sizes=(1, 2),
+        methods=("esft_token", "fft"),
+        steps=1,
+        seq_length=64,
+        batch_size=2,
+        profile_tokens=256,
+        max_new_tokens=2,
+        cache_dir=tmp_path / "cache",
+    )
+    assert [(r["group_size"], r["method"]) for r in rows] == [
+        (1, "esft_token"),
+        (1, "fft"),
+        (2, "esft_token"),
+        (2, "fft"),
+    ]
+    layers = find_moe_layers(model)
+    for r in rows:
+        assert {"group_size", "method", "task_em", "general_em", "trained_experts", "trained_params"} <= set(r)
+        if r["method"] == "fft":
+            assert r["trained_experts"] == sum(layer.num_experts for layer in layers)
+            assert r["trained_params"] == sum(p.numel() for p in model.parameters())
+        else:
+            assert r["trained_experts"] % r["group_size"] == 0 and 0 < r["trained_params"] < rows[1]["trained_params"]
+    summary = summarise_granularity(rows)
+    assert [(s["group_size"], s["method"]) for s in summary] == [(r["group_size"], r["method"]) for r in rows]
+    with pytest.raises(ValueError, match="K % G"):
+        granularity_rows(tmp_path / "model", task, general, task_eval, task_eval, group_sizes=(8,), steps=1)

@@ -220,12 +220,14 @@ class _GroupRouter:
         where = f"layer {self.layer.index} ({self.layer.family.model_type})"
         num_experts = self.layer.num_experts
         valid_N = ((index_NK >= 0) & (index_NK < num_experts) & (weights_NK != 0)).all(dim=-1)
+        if not bool(valid_N.any()):
+            if self.scoring is None:
+                raise ValueError(f"{where}: no routed token to tell the router's scoring function from")
+            return  # nothing to compare this time; checked on a later forward
         if self.scoring is None:
             self.scoring = infer_scoring(logits_NX[valid_N], index_NK[valid_N], weights_NK[valid_N], num_experts)
             if self.scoring is None:
                 raise ValueError(f"{where}: cannot tell the router's scoring function from its weights")
-        if not bool(valid_N.any()):
-            return  # nothing to compare this time; checked on a later forward
         affinity_NE = self._affinities(logits_NX[valid_N].detach())
         own_NK, want_NK = index_NK[valid_N].long(), weights_NK[valid_N].detach().float()
         # The flag first; a router that renormalises (or not) without one is matched on its output.
