@@ -287,6 +287,11 @@ def save_pretrained_merged(model: nn.Module, path: str | os.PathLike) -> Path:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=options)  # gathered on rank 0, via the merge hooks
+        from .expert_parallel import has_expert_shards, merged_expert_tensors
+
+        if has_expert_shards(model):  # each rank merged only its own experts: the whole layers, from every owner
+            experts = merged_expert_tensors(model)
+            state.update(experts if dist.get_rank() == 0 else {})
     path = Path(path)
     several = dist.is_available() and dist.is_initialized()  # FSDP2 or DDP: rank 0 writes for everyone
     if not several or dist.get_rank() == 0:

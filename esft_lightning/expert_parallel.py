@@ -23,6 +23,7 @@ __all__ = [
     "has_expert_shards",
     "localize_expert_state",
     "localize_experts",
+    "merged_expert_tensors",
     "routed_expert_bytes",
 ]
 
@@ -245,4 +246,23 @@ def localize_expert_state(root: nn.Module, state: dict[str, Any]) -> dict[str, A
             return t[rows] if torch.is_tensor(t) and t.dim() > 0 else t
 
         out[name] = {k: mine(v) for k, v in value.items()} if isinstance(value, dict) else mine(value)
+    return out
+
+
+def merged_expert_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every expert-parallel fused tensor of ``model`` whole, trained rows merged in, keyed by its name: what a
+    merged ``save_pretrained`` writes in place of each rank's own rows. A collective (every rank calls it);
+    CPU tensors."""
+    from .distributed import full_on_host
+
+    out = {}
+    for module_name, module in model.named_modules():
+        if getattr(module, "esft_expert_shard", None) is None:
+            continue
+        for name in expert_param_names(module):
+            rows = full_on_host(getattr(module, name), copy=True)
+            trained = getattr(module, TRAINED_PREFIX + name, None)
+            if trained is not None:
+                rows[module.esft_expert_ids.cpu()] = full_on_host(trained).to(rows.dtype)
+            out[f"{module_name}.{name}"] = gather_expert_rows(module, name, rows)
     return out

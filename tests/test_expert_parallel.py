@@ -144,7 +144,7 @@ def test_expert_parallel_fit_trains_the_same_adapter_as_fsdp2(tmp_path):
 
     adapters = {}
     for name, strategy in (("fsdp", "configs/fsdp.yaml"), ("ep", "configs/ep.yaml")):
-        cfg_path = quick_config(tmp_path / name, steps=3)
+        cfg_path = quick_config(tmp_path / name, steps=3, save_merged=True)
         cfg = yaml.safe_load(cfg_path.read_text())
         if not (tmp_path / "model").exists():
             saved = ESFTModule(family=cfg["model"]["family"], model_config=cfg["model"]["model_config"], seed=0)
@@ -174,6 +174,16 @@ def test_expert_parallel_fit_trains_the_same_adapter_as_fsdp2(tmp_path):
     assert {k: v.shape for k, v in ep_state.items()} == {k: v.shape for k, v in fsdp_state.items()}
     for key, value in fsdp_state.items():
         torch.testing.assert_close(ep_state[key], value, atol=1e-5, rtol=1e-4)
+    # save_merged: the whole model, every owner's experts with their trained rows merged in.
+    from transformers import AutoModelForCausalLM
+
+    merged = {
+        name: AutoModelForCausalLM.from_pretrained(next((tmp_path / name / "run" / "logs").glob("version_*/merged")))
+        for name in adapters
+    }
+    fsdp_weights = merged["fsdp"].state_dict()
+    for key, value in merged["ep"].state_dict().items():
+        torch.testing.assert_close(value, fsdp_weights[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
 @pytest.mark.slow
