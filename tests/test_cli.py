@@ -196,8 +196,13 @@ def test_resume_with_other_selection_is_refused(tmp_path):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_parses_and_print_config_round_trips(config, tmp_path, capsys):
     args = ["fit", "--config", str(config)]
-    if config.name == "fsdp.yaml":
-        args = ["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--config", str(config)]
+    overlays = {
+        "fsdp.yaml": "quickstart.yaml",
+        "ep.yaml": "quickstart.yaml",
+        "deepseek_v2_lite_ep.yaml": "deepseek_v2_lite.yaml",
+    }
+    if config.name in overlays:  # merged on top of another config
+        args = ["fit", "--config", str(REPO / "configs" / overlays[config.name]), "--config", str(config)]
     with pytest.raises(SystemExit) as done:
         main([*args, "--print_config"])
     assert done.value.code in (0, None)
