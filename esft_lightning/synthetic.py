@@ -10,6 +10,8 @@ machine (Python's ``random.Random`` is stable across platforms and versions for 
 General domains (``GENERAL_DOMAINS``) are what the embedded model is pretrained on; task domains
 (``TASK_DOMAINS``) never appear in pretraining: ``intent`` (a request to a JSON object), ``cipher`` (a fixed
 letter substitution, unlike the shift cipher of the general ``caesar`` domain) and ``upper`` (upper-casing).
+``EXTRA_TASKS`` are new tasks too, but not shipped as files in ``resources/synthetic/`` (benchmarks/replicate_paper.py
+writes its own): ``command`` (intent with three slots and a compact answer, at most 55 bytes).
 """
 
 from __future__ import annotations
@@ -118,8 +120,23 @@ def upper(rng: random.Random) -> tuple[str, str]:
     return f"Uppercase: {' '.join(words)}", " ".join(words).upper()
 
 
+_COMMANDS = ["please {a} the {d} in the {r}", "can you {a} the {r} {d}?", "{a} the {d}, {r}"]
+
+
+def command(rng: random.Random) -> tuple[str, str]:
+    """NEW task: ``intent`` with fewer slots and a short answer: a smart-home request to a compact JSON object with
+    its intent, device and room (no time slot, no spaces; 44-55 bytes, where intent's answers run to 82)."""
+    action, device, room = rng.choice(list(_ACTIONS)), rng.choice(_DEVICES), rng.choice(_ROOMS)
+    request = rng.choice(_COMMANDS).format(a=action, d=device, r=room)
+    answer = {"intent": _ACTIONS[action], "device": device, "room": room}
+    return f"Command: {request}", json.dumps(answer, separators=(",", ":"))
+
+
 TASK_DOMAINS: dict[str, Domain] = {"intent": intent, "cipher": cipher, "upper": upper}
-DOMAINS: dict[str, Domain] = {**GENERAL_DOMAINS, **TASK_DOMAINS}
+EXTRA_TASKS: dict[str, Domain] = {"command": command}
+"""New tasks outside ``TASK_DOMAINS``: not written to ``resources/synthetic/`` (its files stay as shipped)."""
+ALL_TASKS: dict[str, Domain] = {**TASK_DOMAINS, **EXTRA_TASKS}
+DOMAINS: dict[str, Domain] = {**GENERAL_DOMAINS, **ALL_TASKS}
 
 
 def _shifted(shift: int) -> dict[str, str]:

@@ -50,6 +50,20 @@ def test_new_tasks_parse_and_differ_from_pretraining_domains():
     assert set(synthetic.TASK_DOMAINS).isdisjoint(synthetic.GENERAL_DOMAINS)
 
 
+def test_command_is_intent_with_three_slots_and_a_short_answer():
+    lengths = []
+    for prompt, answer in synthetic.pairs("command", 200):
+        parsed = json.loads(answer)
+        assert set(parsed) == {"intent", "device", "room"} and " " not in answer
+        assert parsed["device"] in prompt and parsed["room"] in prompt
+        action = {"on": "turn on", "off": "turn off", "query": "check"}[parsed["intent"]]
+        assert action in prompt
+        lengths.append(len(answer.encode()))
+    assert max(lengths) <= 55 < min(len(a) for _, a in synthetic.pairs("intent", 50))  # shorter than intent's
+    assert set(synthetic.EXTRA_TASKS).isdisjoint(synthetic.TASK_DOMAINS) and "command" in synthetic.DOMAINS
+    assert set(synthetic.ALL_TASKS) == {*synthetic.TASK_DOMAINS, *synthetic.EXTRA_TASKS}
+
+
 def test_records_tokenize_with_the_esft_template():
     tokenizer = byte_tokenizer()
     record = synthetic.chat_records("intent", 1)[0]
