@@ -276,16 +276,19 @@ def rank_main(argv: list[str]) -> None:
     )  # fmt: skip
 
 
+# The measured runs' selection: the embedded model has 4 MoE layers of 32 routed experts; top_p 0.2 selects at most
+# ceil(0.2 x 32) = 7 of them, here spread over the owners as a real selection would be.
+SELECTION = {layer: [round(i * 32 / 7) for i in range(7)] for layer in range(4)}
+
+
 def write_config(tmp: Path, steps: int, seq: int, batch: int) -> Path:
     """The quickstart (its embedded model) for ``steps`` steps, one fixed selection, every output under ``tmp``."""
     import yaml
 
     from esft_lightning.selection import ExpertConfig
 
-    experts = 32  # the embedded model's routed experts per layer; top_p 0.2 selects at most ceil(0.2 x 32) = 7
-    picked = [round(i * experts / 7) for i in range(7)]  # spread over the owners, as a real selection would be
     selection = tmp / "expert_cfg.json"
-    ExpertConfig(dict.fromkeys(range(4), picked)).save(selection)
+    ExpertConfig(SELECTION).save(selection)
     cfg = yaml.safe_load((REPO / "configs/quickstart.yaml").read_text())
     root = str(tmp / "run")
     select = cfg["trainer"]["callbacks"][0]
@@ -449,10 +452,12 @@ def table(rows: list[dict], unit: float, unit_name: str, first: str = "model") -
                                   f"total {unit_name}"]) + " |",
         "| --- " * (len(head) + 7) + "|",
     ]  # fmt: skip
+    digits = 2 if unit == MiB else 1
     for r in rows:
         cells = [r[first]] if first else []
-        cells += [str(r["ranks"]), r["strategy"]] + [f"{r[k] / unit:.{2 if unit == MiB else 1}f}" for k in KINDS]
-        cells.append(f"{sum(r[k] for k in KINDS) / unit:.{2 if unit == MiB else 1}f}")
+        cells += [str(r["ranks"]), r["strategy"]]
+        cells += ["-" if math.isnan(r[k]) else f"{r[k] / unit:.{digits}f}" for k in KINDS]  # -: not modelled
+        cells.append(f"{sum(r[k] for k in KINDS if not math.isnan(r[k])) / unit:.{digits}f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -482,7 +487,7 @@ def main() -> None:
             f"counted), quickstart's embedded model (fp32), {batch} x {seq} tokens per rank, gloo on CPU"
         )
         print(table(rows, MiB, "MiB", first=""))
-        print("computed for the same runs (the formula below; all-to-all assumes balanced routing):")
+        print("computed for the same runs (the formula below; all-to-all assumes balanced routing; other: -):")
         print(table(expected, MiB, "MiB", first=""))
         print()
     rows = doc_rows()
@@ -510,8 +515,7 @@ def _expected_for_measured(rows: list[dict], tokens: int) -> list[dict]:
     out = []
     for r in rows:
         model = load_model(model="embedded", on_meta=True)
-        picked = [round(i * 32 / 7) for i in range(7)]
-        apply(model, ExpertConfig(dict.fromkeys(range(4), picked)), SelectionSpec())
+        apply(model, ExpertConfig(SELECTION), SelectionSpec())
         n = r["ranks"]
         sent = computed(model, n, n if r["strategy"] == "ep" else 1, tokens, 4, 4)
         sent["other"] = math.nan

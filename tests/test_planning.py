@@ -300,3 +300,4 @@ def test_docs_table_is_generated():
     )
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     assert "| DeepSeek-V3 | 671.0 B | 16 |" in done.stdout
+    assert "| DeepSeek-V3 | 64 |" in done.stdout  # the expert-parallel table
