@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import decoder_layers, find_moe_layers
+from .memory_model import TensorBytes, activation_bytes, profiling_bytes, tensor_bytes
+from .models import find_moe_layers
 from .selection import ExpertConfig, all_experts, no_experts
 from .selection_spec import SelectionSpec, apply, trainable_dtype
 
@@ -99,29 +100,6 @@ class RankMemory:
     DDP: its gradient buckets (a second copy of the gradients); expert parallelism: as FSDP2, but a gathered layer
     holds only this rank's own experts, plus one layer's all-to-all send and receive buffers."""
     total_bytes: int
-
-
-@dataclass
-class _Tensor:
-    shape: tuple[int, ...]
-    itemsize: int
-    trainable: bool
-    group: str
-    """FSDP2 unit: ``layer.<i>`` or ``root``."""
-    experts: tuple[int, ...] | None = None
-    """A routed-expert tensor: the global expert id of each dim-0 row (fused: all; trainable copy: the selected)."""
-    num_experts: int = 0
-
-    def local_bytes(self, world: int, rank: int, sharded: bool, ep: int = 1) -> int:
-        rows = self.shape[0] if self.shape else 1
-        if ep > 1 and self.experts is not None:  # mesh (edp, ep): rank = edp index x ep + expert-parallel rank
-            per_rank = self.num_experts // ep
-            rows = sum(1 for e in self.experts if e // per_rank == rank % ep)  # whole experts, on their owner
-            world, rank = world // ep, rank // ep  # then FSDP2 over the ranks holding the same experts
-        if sharded and self.shape:  # fully_shard: torch.chunk on dim 0
-            chunk = -(-rows // world)
-            rows = max(0, min(chunk, rows - rank * chunk))
-        return rows * math.prod(self.shape[1:]) * self.itemsize
 
 
 @dataclass
@@ -206,91 +184,8 @@ def selection_bound(model: nn.Module, spec: SelectionSpec) -> tuple[ExpertConfig
     return ExpertConfig(experts, **flags), "bound" if spec.score_function != "gate" else "estimate"
 
 
-def _group_of(model: nn.Module) -> dict[int, str]:
-    group: dict[int, str] = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        for p in layer.parameters():
-            group[id(p)] = f"layer.{i}"
-    return group
-
-
-def _tensors(model: nn.Module, dtype: torch.dtype | None = None, train_all: bool = False) -> list[_Tensor]:
-    group = _group_of(model)
-    routed: dict[int, tuple[tuple[int, ...], int]] = {}  # routed-expert tensors: their rows' experts, E
-    for layer in find_moe_layers(model):
-        selected = tuple(int(e) for e in getattr(layer.experts, "esft_expert_ids", torch.empty(0)).tolist())
-        for name, p in layer.experts.named_parameters(recurse=False):
-            routed[id(p)] = (
-                selected if name.startswith("esft_") else tuple(range(layer.num_experts)),
-                layer.num_experts,
-            )
-    out = []
-    for p in model.parameters():
-        itemsize = (dtype or p.dtype).itemsize if p.is_floating_point() else p.element_size()
-        trainable = (train_all and p.is_floating_point()) or p.requires_grad
-        out.append(
-            _Tensor(tuple(p.shape), itemsize, trainable, group.get(id(p), "root"), *routed.get(id(p), (None, 0)))
-        )
-    return out
-
-
-def activation_bytes(model: nn.Module, tokens: int, itemsize: int, checkpointing: bool) -> int:
-    """Estimated peak activation bytes of one training micro-batch of ``tokens`` tokens on one rank.
-
-    Per token and decoder layer (elements), as the saved-for-backward tensors of transformers' layers add up
-    (checked against them in tests/test_planning.py): the two norms' inputs (2H); attention: twice each input
-    projection's output (the output and what rotary, head reshapes and memory-efficient attention save; no T x T
-    scores) plus the output projection's input; an MoE layer: router logits and probabilities (E each, fp32), for
-    each of the top-k routed pairs the gathered input, gate/up output, activation, down input and output
-    (2H + 4I; 2H + 8I for gpt_oss's clamped, biased experts), and 3 I_shared for shared experts; a dense MLP 3I.
-    The head: logits, log-softmax and a gradient (12 bytes per vocabulary entry). With activation checkpointing
-    only each layer's input is kept, plus one layer recomputed in backward. Against the peak a CPU forward and
-    backward measures (tests/test_planning.py) this errs high by 1.1-1.8x, never low.
-    """
-    hidden = model.config.get_text_config().hidden_size
-    moe = {layer.index: layer for layer in find_moe_layers(model)}
-    per_layer = []
-    for i, layer in enumerate(decoder_layers(model)):
-        attention = next((m for n, m in layer.named_children() if "attn" in n or "attention" in n), None)
-        linears = [m for m in attention.modules() if isinstance(m, nn.Linear)] if attention is not None else []
-        # the projection back to the residual stream saves its input; every other projection its output, twice
-        elements = 2 * hidden + sum(m.in_features if m.out_features == hidden else 2 * m.out_features for m in linears)
-        if i in moe:
-            down = moe[i].experts.down_proj
-            width = down.numel() // (down.shape[0] * hidden)
-            # clamped, biased GLU experts (gpt_oss) save about twice the intermediates of a plain SwiGLU
-            per_pair = 2 * hidden + (8 if getattr(moe[i].experts, "has_bias", False) else 4) * width
-            elements += 2 * moe[i].num_experts * 4 // itemsize + moe[i].top_k * per_pair
-            shared = sum(p.numel() for m in moe[i].shared for p in m.parameters() if p.dim() == 2)
-            elements += shared // hidden  # 3 I_shared: gate, up and activation outputs of a 3-matrix MLP
-        else:
-            mlp = getattr(layer, "mlp", None)
-            elements += sum(p.numel() for p in mlp.parameters() if p.dim() == 2) // hidden if mlp is not None else 0
-        per_layer.append(elements)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    widest = max(per_layer, default=0)
-    if checkpointing:
-        body = (len(per_layer) * hidden + widest) * itemsize
-    else:
-        body = sum(per_layer) * itemsize
-    return tokens * (body + 12 * vocab)
-
-
-def _profiling_bytes(model: nn.Module, tensors: list[_Tensor], tokens: int, itemsize: int) -> int:
-    """Rank 0's GPU peak while profiling with weights streamed one module at a time (the placement's worst case:
-    a model that fits is moved whole, which it then does): the largest layer plus a no-grad layer's working set."""
-    by_group: dict[str, int] = {}
-    for t in tensors:
-        by_group[t.group] = by_group.get(t.group, 0) + t.local_bytes(1, 0, False)
-    layers = [v for k, v in by_group.items() if k != "root"] or [0]
-    hidden = model.config.get_text_config().hidden_size
-    widest = max((layer.top_k * 4 * (layer.experts.down_proj.numel() // layer.num_experts) // hidden for layer in
-                  find_moe_layers(model)), default=0)  # fmt: skip
-    return max(layers) + tokens * (6 * hidden + widest) * itemsize
-
-
 def _rank_memory(
-    tensors: list[_Tensor], strategy: str, world: int, rank: int, activations: tuple[int, int], checkpointing: bool,
+    tensors: list[TensorBytes], strategy: str, world: int, rank: int, activations: tuple[int, int], checkpointing: bool,
     ep: int = 1, all_to_all: int = 0,
 ) -> RankMemory:  # fmt: skip
     """``strategy`` ``ep``: FSDP2 with routed experts split over ``ep`` ranks; ``all_to_all``: one layer's token
@@ -332,17 +227,17 @@ def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
         config, kind = selection_bound(model, spec)
     if getattr(model, "esft_expert_config", None) is None:
         fft_dtype = trainable_dtype(model, replace(config, shared_experts=False, non_expert_modules=False), spec)
-        fft = _tensors(model, fft_dtype, train_all=True)
+        fft = tensor_bytes(model, fft_dtype, train_all=True)
         apply(model, config, spec)
     else:
-        fft_dtype, fft = None, _tensors(model, None, train_all=True)
-    esft = _tensors(model)
+        fft_dtype, fft = None, tensor_bytes(model, None, train_all=True)
+    esft = tensor_bytes(model)
     total_params = sum(p.numel() for n, p in model.named_parameters() if ".esft_" not in n)
     itemsize = (request.compute_dtype or next(model.parameters()).dtype).itemsize
     tokens = request.micro_batch * request.seq_length
     activations = tuple(activation_bytes(model, tokens, itemsize, c) for c in (False, True))
     profile_tokens = (request.profile_batch or request.micro_batch) * request.seq_length
-    profiling = _profiling_bytes(model, fft, profile_tokens, itemsize)
+    profiling = profiling_bytes(model, fft, profile_tokens, itemsize)
 
     ep = request.expert_parallel_size
     uneven = [layer.index for layer in find_moe_layers(model) if layer.num_experts % ep]
@@ -352,7 +247,7 @@ def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
     top_k = max((layer.top_k for layer in find_moe_layers(model)), default=0)
     all_to_all = 2 * top_k * hidden * itemsize  # per token: one layer's send and receive buffers under EP
 
-    def memory(tensors: list[_Tensor], strategy: str, world: int, checkpointing: bool, micro: int) -> RankMemory:
+    def memory(tensors: list[TensorBytes], strategy: str, world: int, checkpointing: bool, micro: int) -> RankMemory:
         acts = tuple(a * micro // request.micro_batch for a in activations)
         # rank 0 holds the largest chunks; under EP the largest rank is among the first EP group (edp index 0)
         ranks = range(ep) if strategy == "ep" else range(1)
@@ -393,7 +288,7 @@ def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
                 fixes)  # fmt: skip
 
 
-def _fixes(tensors: list[_Tensor], r: PlanRequest, memory: Any, budget: int) -> list[str]:
+def _fixes(tensors: list[TensorBytes], r: PlanRequest, memory: Any, budget: int) -> list[str]:
     """What would make the run fit, cheapest first: a strategy that shards, activation checkpointing, a smaller
     micro-batch (data.global_batch_size keeps the batch), then more GPUs."""
     fixes = []
