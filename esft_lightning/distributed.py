@@ -65,77 +65,32 @@ class FSDP2Strategy(ModelParallelStrategy):
             )
         super().setup_environment()
 
-    # -- checkpoints under expert parallelism: every owner's experts, gathered into the layer's rows -------------
-    # Lightning's full-state checkpoints gather each DTensor over its mesh; an expert-parallel rank's experts are
-    # its own (no mesh spans them), so each rank would write its rows under the same names. These overrides keep
-    # the checkpoint format of a run without expert parallelism (and so resumable with any).
-
+    # -- checkpoints under expert parallelism (expert_checkpoints.py): the file a run without it writes --------
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        from .expert_parallel import globalize_expert_state, has_expert_shards
+        from .expert_checkpoints import expert_parallel_model_state
+        from .expert_parallel import has_expert_shards
 
         if not has_expert_shards(self.model):
             return super().lightning_module_state_dict()
-        self._refuse_sharded_checkpoints()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        state = globalize_expert_state(self.model, state)
-        return {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()} if self.global_rank == 0 else {}
+        return expert_parallel_model_state(self.model, self._save_distributed_checkpoint)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        from .expert_parallel import globalize_expert_state, has_expert_shards
+        from .expert_checkpoints import expert_parallel_optimizer_state
+        from .expert_parallel import has_expert_shards
 
         if not has_expert_shards(self.model):
             return super().optimizer_state(optimizer)
-        self._refuse_sharded_checkpoints()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
-
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # (a LightningOptimizer wraps it)
-        state = get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True))
-        state["state"] = globalize_expert_state(self.model, state["state"])
-        if self.global_rank != 0:
-            return {}
-        state["state"] = {
-            k: {n: t.cpu() if torch.is_tensor(t) else t for n, t in v.items()} for k, v in state["state"].items()
-        }
-        return FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+        return expert_parallel_optimizer_state(self.model, optimizer, self._save_distributed_checkpoint)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        from .expert_parallel import has_expert_shards, localize_expert_state
+        from .expert_checkpoints import load_expert_parallel_checkpoint
+        from .expert_parallel import has_expert_shards
 
         if not has_expert_shards(self.model):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        self._refuse_sharded_checkpoints()
-        from lightning.fabric.strategies.model_parallel import _rekey_optimizer_state_if_needed
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
         path = Path(self.broadcast(checkpoint_path))
-        if path.is_dir():
-            raise ValueError(f"{path}: a distributed checkpoint folder; expert parallelism resumes from a file")
-        # Every rank reads the file (memory-mapped: only the trainable tensors are in it by default) and keeps
-        # its own experts' rows; the rest is distributed into its shards without a broadcast.
-        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
         strict = self.lightning_module.strict_loading
-        options = StateDictOptions(full_state_dict=True, strict=strict)
-        state = localize_expert_state(self.model, checkpoint.pop("state_dict"))
-        set_model_state_dict(self.model, state, options=options)
-        for index, optimizer in enumerate(self.optimizers):
-            saved = _rekey_optimizer_state_if_needed(checkpoint["optimizer_states"][index], self.model)
-            saved = {**saved, "state": localize_expert_state(self.model, saved["state"])}
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=saved, options=options)
-        return checkpoint
-
-    def _refuse_sharded_checkpoints(self) -> None:
-        if self._save_distributed_checkpoint:
-            raise ValueError(
-                "save_distributed_checkpoint: true is not supported under expert parallelism yet; use false "
-                "(one file holding the trainable tensors and their optimizer state, gathered from every owner)"
-            )
+        return load_expert_parallel_checkpoint(self.model, self.optimizers, path, strict, weights_only)
 
 
 def check_tensor_parallel_size(size: Any) -> None:
