@@ -56,7 +56,8 @@ def summarise(runs: list[dict[str, Any]], tasks: Sequence[str], lrs: dict[str, d
             row[f"{task}_lr"] = _mean([r["lr"] for r in mine if r["task"] == task and r.get("lr") is not None])
         per_task = [row[f"{t}_em"] for t in tasks if row[f"{t}_em"] is not None]
         row["task_em"] = _mean(per_task)
-        # The general score once per (seed, model): the models that hold several adapters repeat it per task.
+        # The general score once per (seed, model): the pretrained model and the models holding several adapters
+        # repeat it per task.
         general = {
             (r["seed"], r["task"] if method not in ("composed", "merged") else ""): r["general_em"] for r in mine
         }
