@@ -90,7 +90,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         path = Path(self.broadcast(checkpoint_path))
         strict = self.lightning_module.strict_loading
-        return load_expert_parallel_checkpoint(self.model, self.optimizers, path, strict, weights_only)
+        return load_expert_parallel_checkpoint(self.model, self.optimizers, path, strict)
 
 
 def check_tensor_parallel_size(size: Any) -> None:

@@ -52,19 +52,20 @@ def expert_parallel_optimizer_state(model: nn.Module, optimizer: Any, distribute
 
 
 def load_expert_parallel_checkpoint(
-    model: nn.Module, optimizers: list[Any], path: Path, strict: bool, weights_only: bool | None
+    model: nn.Module, optimizers: list[Any], path: Path, strict: bool
 ) -> dict[str, Any]:
     """Load a single-file checkpoint into an expert-parallel model and its optimizers; returns the rest of it.
 
-    Every rank reads the file (memory-mapped; by default it holds only the trainable tensors) and keeps its own
-    experts' rows; everything is distributed into the rank's shards without a broadcast.
+    Every rank reads the file (memory-mapped, ``weights_only``: never unpickling code; by default it holds only
+    the trainable tensors) and keeps its own experts' rows; everything is distributed into the rank's shards
+    without a broadcast.
     """
     from lightning.fabric.strategies.model_parallel import _rekey_optimizer_state_if_needed
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     if path.is_dir():
         raise ValueError(f"{path}: a distributed checkpoint folder; expert parallelism resumes from a file")
-    checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+    checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=True)
     options = StateDictOptions(full_state_dict=True, strict=strict)
     set_model_state_dict(model, localize_expert_state(model, checkpoint.pop("state_dict")), options=options)
     for index, optimizer in enumerate(optimizers):
