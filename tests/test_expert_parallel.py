@@ -128,9 +128,10 @@ def test_expert_parallel_size_must_divide_the_ranks_and_the_experts(tmp_path):
 
 
 @pytest.mark.slow
-def test_expert_parallel_fit_trains_the_same_adapter_as_fsdp2(tmp_path):
-    """`esft fit` with configs/ep.yaml on 2 ranks from a saved model: same selection and adapter as FSDP2, each rank
-    holding half of every layer's routed experts."""
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_expert_parallel_fit_trains_the_same_adapter_as_fsdp2(tmp_path, ranks):
+    """`esft fit` with configs/ep.yaml (N = ranks) from a saved model: same selection, adapter, checkpoint and merged
+    model as FSDP2 on as many ranks, each rank holding 1/N of every layer's routed experts."""
     import re
 
     import yaml
@@ -153,10 +154,11 @@ def test_expert_parallel_fit_trains_the_same_adapter_as_fsdp2(tmp_path):
         cfg["trainer"]["callbacks"][0]["init_args"].update(max_tokens=1024)
         cfg["trainer"]["gradient_clip_val"] = 1e-3  # clipping active: the norm must span every rank's experts
         cfg_path.write_text(yaml.safe_dump(cfg))
-        out = two_process_fit(cfg_path, tmp_path, strategy_config=str(REPO / strategy))
+        extra = ["--trainer.strategy.init_args.expert_parallel_size", str(ranks)] if name == "ep" else []
+        out = two_process_fit(cfg_path, tmp_path, *extra, strategy_config=str(REPO / strategy), devices=ranks)
         if name == "ep":
             shares = re.findall(r"ESFT EP rank \d: routed-expert bytes (\d+) local of (\d+)", out)
-            assert len(shares) == 2 and all(int(a) * 2 == int(b) for a, b in shares), shares
+            assert len(shares) == ranks and all(int(a) * ranks == int(b) for a, b in shares), shares
         run = sorted((tmp_path / name / "run" / "logs").glob("version_*"))[-1]
         adapters[name] = (
             ExpertConfig.load(run / "expert_cfg.json").experts,
