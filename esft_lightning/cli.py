@@ -154,19 +154,15 @@ def _tool_main(command: str, argv: list[str]) -> None:
     parser.add_argument("--shared_experts", action="store_true", default=None)
     parser.add_argument("--non_expert_modules", action="store_true", default=None)
     if command == "select":
-        parser.add_argument(
-            "--exclude",
-            nargs="+",
-            action="extend",
-            default=None,
-            metavar="CONFIG_OR_ADAPTER",
-            help="expert_cfg.json files or adapter directories whose experts must not be selected (next-best taken)",
-        )
-        parser.add_argument(
-            "--best_effort",
-            action="store_true",
-            default=None,
-            help="a layer that cannot reach top_p without excluded experts keeps the rest (warning) instead of failing",
+        from .select_command import add_exclusion_arguments
+
+        add_exclusion_arguments(
+            parser,
+            exclude_help="expert_cfg.json files or adapter directories whose experts must not be selected "
+            "(next-best taken)",
+            best_effort_help="a layer that cannot reach top_p without excluded experts keeps the rest (warning) "
+            "instead of failing",
+            best_effort_default=None,  # unset: the callback's exclude_strict holds
         )
         parser.add_argument(  # listed for --help only: `--joint` is dispatched to select_command.py before this
             "--joint",

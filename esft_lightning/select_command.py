@@ -47,19 +47,11 @@ def joint_main(argv: list[str]) -> dict[str, ExpertConfig]:
     parser.add_argument("--out", required=True, help="output directory: one <task>.json expert config per task")
     parser.add_argument("--score_function", choices=["token", "gate"], default="token")
     parser.add_argument("--top_p", type=float, default=None, help="default: 0.2 token, 0.1 gate")
-    parser.add_argument(
-        "--exclude",
-        nargs="+",
-        action="extend",
-        default=None,
-        metavar="CONFIG_OR_ADAPTER",
-        help="expert_cfg.json files or adapter directories whose experts no task may take",
-    )
-    parser.add_argument(
-        "--best_effort",
-        action="store_true",
-        help="a task that cannot reach top_p without contested or excluded experts keeps what it got (warning) "
-        "instead of failing",
+    add_exclusion_arguments(
+        parser,
+        exclude_help="expert_cfg.json files or adapter directories whose experts no task may take",
+        best_effort_help="a task that cannot reach top_p without contested or excluded experts keeps what it got "
+        "(warning) instead of failing",
     )
     ns = parser.parse_args(argv)
     tasks = parse_tasks(ns.joint)
@@ -75,3 +67,13 @@ def joint_main(argv: list[str]) -> dict[str, ExpertConfig]:
         print(f"{task}: {config.num_selected} experts in {len(config.experts)} layers{note} -> {out / f'{task}.json'}")
     print(f"no expert is selected for two of the {len(configs)} tasks (top_p {top_p}, {ns.score_function} scores)")
     return configs
+
+
+def add_exclusion_arguments(
+    parser: argparse.ArgumentParser, exclude_help: str, best_effort_help: str, best_effort_default: bool | None = False
+) -> None:
+    """``--exclude A/expert_cfg.json B/adapter ...`` and ``--best_effort``, for `esft select` and its ``--joint``."""
+    parser.add_argument(
+        "--exclude", nargs="+", action="extend", default=None, metavar="CONFIG_OR_ADAPTER", help=exclude_help
+    )
+    parser.add_argument("--best_effort", action="store_true", default=best_effort_default, help=best_effort_help)
