@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,8 @@ from common import expert_lora_targets
 from torch import nn
 
 from esft_lightning.adapters import save_adapter
+from esft_lightning.analysis.granularity_run import forever  # one training loop for both
+from esft_lightning.analysis.granularity_run import train_steps as train
 from esft_lightning.callbacks.routing_drift import general_dataloader, js_divergence
 from esft_lightning.experts import apply_expert_config
 from esft_lightning.models import find_moe_layers
@@ -97,35 +98,6 @@ def prepare(method: str, selections: dict[str, ExpertConfig], seed: int) -> nn.M
     else:
         apply_expert_config(model, expert_config(method, selections, num_experts, seed))
     return model
-
-
-def forever(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, torch.Tensor]]:
-    while True:
-        yield from loader
-
-
-def train(model: nn.Module, batches: Iterator, steps: int, lr: float) -> float:
-    """AdamW (0.9, 0.95, wd 0.1), constant lr, clip 1.0; returns the median seconds per step after 3 warm-up steps."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    model.train()
-    times = []
-    for _ in range(steps):
-        batch = next(batches)
-        start = time.perf_counter()
-        loss = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            use_cache=False,
-        ).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    model.eval()
-    return statistics.median(times[3:] or times)
 
 
 def fit(method: str, data: TaskData, selections: dict[str, ExpertConfig], lr: float, args: argparse.Namespace):

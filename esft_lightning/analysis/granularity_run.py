@@ -39,13 +39,15 @@ def _eval_set(data: PathOrSamples, max_samples: int | None) -> list[EvalSample]:
     return list(data)[:max_samples]
 
 
-def _forever(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+def forever(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's batches, epoch after epoch."""
     while True:
         yield from loader
 
 
-def _train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float) -> float:
-    """replicate_paper's loop: AdamW (0.9, 0.95, wd 0.1), constant lr, clip 1.0; median s / step after 3 steps."""
+def train_steps(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float) -> float:
+    """The replication's training loop: AdamW (0.9, 0.95, wd 0.1), constant lr, clip 1.0; returns the median seconds
+    per step after 3 warm-up steps (benchmarks/replication uses it too)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
@@ -169,7 +171,7 @@ def granularity_rows(
                             trained_experts = config.num_selected
                         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
                         if method != "base":
-                            step_s = _train(model, _forever(data.train_dataloader()), steps, rates[method])
+                            step_s = train_steps(model, forever(data.train_dataloader()), steps, rates[method])
                         task, _ = evaluate_set(model, tokenizer, task_set, max_new_tokens, eval_batch)
                         general, _ = evaluate_set(model, tokenizer, general_set, max_new_tokens, eval_batch)
                     row = dict(
