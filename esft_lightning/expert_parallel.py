@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .experts import _install_split, remove_expert_split
+from .experts import _install_split, _use_esft_implementation, remove_expert_split
 from .experts_forward import TRAINED_PREFIX, expert_param_names, has_split
 from .models import find_moe_layers
 
@@ -39,9 +39,6 @@ class ExpertShard:
     first: int
     count: int
     selected: tuple[int, ...]  # the layer's selected experts, global ids in selection order (the adapter's order)
-
-    def owner(self, expert: int) -> int:
-        return expert // self.count
 
 
 def expert_parallel_mesh(device_type: str, world_size: int, expert_parallel_size: int) -> Any:
@@ -102,7 +99,7 @@ def localize_experts(model: nn.Module, mesh: Any) -> int:
         experts.esft_expert_shard = ExpertShard(group, rank, size, total, first, count, selected)
     if config is not None:
         model.esft_expert_config = config  # (remove_expert_split dropped it with the global copies)
-    _route_through_owners(model)
+    _use_esft_implementation(model)  # the esft forward sends pairs to their owners when a module is localized
     return len(layers)
 
 
@@ -117,12 +114,6 @@ def routed_expert_bytes(model: nn.Module) -> tuple[int, int]:
             local += size
             total += size if shard is None else size // shard.count * shard.num_experts
     return local, total
-
-
-def _route_through_owners(model: nn.Module) -> None:
-    from .experts import _use_esft_implementation
-
-    _use_esft_implementation(model)  # the esft forward dispatches to the owners when a module is localized
 
 
 def dispatch_combine(

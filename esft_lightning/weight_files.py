@@ -120,15 +120,6 @@ class WeightFiles(Mapping[str, torch.Tensor]):
         value = converted[stored]
         return value[0] if isinstance(value, list) else value
 
-    def size(self, name: str) -> int:
-        """Number of rows (dim 0) of ``name`` as stored (the number of experts of a fused expert tensor)."""
-        stored = self._alias[name]
-        if stored in self._plain:
-            file, key = self._plain[stored]
-            return self._handles[file].shape(key)[0]
-        _, sources = self._fused[stored]
-        return len(next(iter(sources.values())))
-
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
