@@ -20,9 +20,9 @@ from .experts import remove_expert_split, validate_expert_config
 from .experts_forward import TRAINED_PREFIX, expert_param_names
 from .files import atomic_write_dir
 from .models import find_moe_layers
-from .selection import ExpertConfig
+from .selection import CONFIG_FILE, ExpertConfig
 
-CONFIG_FILE, WEIGHTS_FILE = "expert_cfg.json", "adapter.safetensors"
+WEIGHTS_FILE = "adapter.safetensors"  # beside selection.CONFIG_FILE, the expert config
 # ESFT's released adapters (DeepSeek-V2-Lite remote code): one tensor per expert and projection.
 _RELEASED_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 
