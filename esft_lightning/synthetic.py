@@ -11,7 +11,8 @@ General domains (``GENERAL_DOMAINS``) are what the embedded model is pretrained 
 (``TASK_DOMAINS``) never appear in pretraining: ``intent`` (a request to a JSON object), ``cipher`` (a fixed
 letter substitution, unlike the shift cipher of the general ``caesar`` domain) and ``upper`` (upper-casing).
 ``EXTRA_TASKS`` are new tasks too, but not shipped as files in ``resources/synthetic/`` (benchmarks/replicate_paper.py
-writes its own): ``command`` (intent with three slots and a compact answer, at most 55 bytes).
+writes its own): ``command`` (intent with three slots and a compact answer, at most 55 bytes) and ``lexicon``
+(word-for-word translation into a made-up language).
 """
 
 from __future__ import annotations
@@ -132,8 +133,23 @@ def command(rng: random.Random) -> tuple[str, str]:
     return f"Command: {request}", json.dumps(answer, separators=(",", ":"))
 
 
+def _pseudo_word(rng: random.Random) -> str:
+    return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
+
+
+# A fixed made-up word for each of _WORDS (drawn once from seed 11): vocabulary pretraining never saw.
+_LEXICON = dict(zip(_WORDS, (lambda rng: [_pseudo_word(rng) for _ in _WORDS])(random.Random(11))))
+
+
+def lexicon(rng: random.Random) -> tuple[str, str]:
+    """NEW task: translate one to three words into a made-up language, word for word. The skill (rewrite the
+    words in order, as ``caesar`` and ``reversal`` do) is pretrained; the vocabulary is new knowledge."""
+    words = rng.sample(_WORDS, rng.randint(1, 3))
+    return f"Translate: {' '.join(words)}", " ".join(_LEXICON[w] for w in words)
+
+
 TASK_DOMAINS: dict[str, Domain] = {"intent": intent, "cipher": cipher, "upper": upper}
-EXTRA_TASKS: dict[str, Domain] = {"command": command}
+EXTRA_TASKS: dict[str, Domain] = {"command": command, "lexicon": lexicon}
 """New tasks outside ``TASK_DOMAINS``: not written to ``resources/synthetic/`` (its files stay as shipped)."""
 ALL_TASKS: dict[str, Domain] = {**TASK_DOMAINS, **EXTRA_TASKS}
 DOMAINS: dict[str, Domain] = {**GENERAL_DOMAINS, **ALL_TASKS}

@@ -190,23 +190,7 @@ def test_expert_parallel_fit_trains_the_same_adapter_as_fsdp2(tmp_path, ranks):
 
 @pytest.mark.slow
 def test_expert_parallel_kill_and_resume_equals_uninterrupted(tmp_path):
-    from safetensors.torch import load_file
-
     from .conftest import REPO
-    from .test_cli import quick_config
-    from .test_fsdp import two_process_fit
+    from .test_fsdp import resume_equals_uninterrupted
 
-    ep = str(REPO / "configs/ep.yaml")
-    two_process_fit(quick_config(tmp_path / "a", steps=6), tmp_path, strategy_config=ep)
-    run_a = sorted((tmp_path / "a/run/logs").glob("version_*"))[-1]
-    cfg = quick_config(tmp_path / "b", steps=4)
-    two_process_fit(cfg, tmp_path, strategy_config=ep)
-    ckpt = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1] / "checkpoints/last.ckpt"
-    (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
-    out = two_process_fit(cfg, tmp_path, "--trainer.max_steps", "6", "--ckpt_path", "last", strategy_config=ep)
-    assert "resumed exactly" in out and "not restored" not in out
-    run_b = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1]
-    a, b = load_file(str(run_a / "adapter/adapter.safetensors")), load_file(str(run_b / "adapter/adapter.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:  # bitwise: resumed exactly, not close
-        assert torch.equal(b[key], a[key]), (key, float((b[key] - a[key]).abs().max()))
+    resume_equals_uninterrupted(tmp_path, strategy_config=str(REPO / "configs/ep.yaml"))

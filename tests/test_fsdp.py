@@ -6,9 +6,11 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from esft_lightning.selection import ExpertConfig
@@ -89,8 +91,6 @@ def test_fsdp_two_processes_shards_and_selects_identically(tmp_path):
 def test_fsdp_adapter_equals_single_process_run(tmp_path, ranks):
     """Plain-text data (every token trained, equal token counts per rank): N ranks x batch b == 1 x batch N*b, the
     model saved in several safetensors shards, every rank reading only its own shards of it."""
-    import yaml
-
     from esft_lightning import ESFTModule
     from esft_lightning.cli import main
 
@@ -128,6 +128,29 @@ def test_fsdp_adapter_equals_single_process_run(tmp_path, ranks):
         torch.testing.assert_close(adapters["fsdp"][1][key], value, atol=1e-5, rtol=1e-4)
 
 
+def resume_equals_uninterrupted(tmp_path, *settings: str, strategy_config: str = "configs/fsdp.yaml") -> Path:
+    """Two ``esft fit`` runs on two ranks: 6 steps uninterrupted (keeping its step-3 checkpoint), and one resumed
+    from that checkpoint to step 6, as if killed during step 4. Their adapters are bitwise equal. Returns the
+    step-3 checkpoint. (``--ckpt_path last`` after a real SIGKILL: tests/test_determinism.py.)"""
+    uninterrupted = quick_config(tmp_path / "a", steps=6)
+    cfg = yaml.safe_load(uninterrupted.read_text())
+    cfg["trainer"]["callbacks"][1]["init_args"]["save_top_k"] = -1  # keep step 3's checkpoint next to step 6's
+    uninterrupted.write_text(yaml.safe_dump(cfg))
+    two_process_fit(uninterrupted, tmp_path, *settings, strategy_config=strategy_config)
+    run_a = sorted((tmp_path / "a/run/logs").glob("version_*"))[-1]
+    ckpt = run_a / "checkpoints/epoch=0-step=3.ckpt"
+    resumed = quick_config(tmp_path / "b", steps=6)
+    out = two_process_fit(resumed, tmp_path, *settings, "--ckpt_path", str(ckpt), strategy_config=strategy_config)
+    assert "resuming with the checkpoint's expert selection" in out
+    assert "resumed exactly" in out and "not restored" not in out  # the resume check, on every rank's states
+    run_b = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1]
+    a, b = load_file(str(run_a / "adapter/adapter.safetensors")), load_file(str(run_b / "adapter/adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:  # bitwise: resumed exactly, not close
+        assert torch.equal(b[key], a[key]), (key, float((b[key] - a[key]).abs().max()))
+    return ckpt
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -138,22 +161,9 @@ def test_fsdp_adapter_equals_single_process_run(tmp_path, ranks):
     ids=["small-fp32", "full-bf16"],
 )
 def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path, settings):
-    two_process_fit(quick_config(tmp_path / "a", steps=6), tmp_path, *settings)
-    run_a = sorted((tmp_path / "a/run/logs").glob("version_*"))[-1]
-    cfg = quick_config(tmp_path / "b", steps=4)
-    two_process_fit(cfg, tmp_path, *settings)
-    ckpt = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1] / "checkpoints/last.ckpt"
-    (ckpt.parent / "epoch=0-step=3.ckpt").replace(ckpt)  # as if killed during step 4
+    ckpt = resume_equals_uninterrupted(tmp_path, *settings)
     if settings:
         assert torch.load(ckpt, weights_only=True)["esft"]["trainable_dtype"] == "torch.float32"
-    out = two_process_fit(cfg, tmp_path, *settings, "--trainer.max_steps", "6", "--ckpt_path", "last")
-    assert "resuming with the checkpoint's expert selection" in out
-    assert "resumed exactly" in out and "not restored" not in out  # the resume check, on every rank's states
-    run_b = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1]
-    a, b = load_file(str(run_a / "adapter/adapter.safetensors")), load_file(str(run_b / "adapter/adapter.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:  # bitwise: resumed exactly, not close
-        assert torch.equal(b[key], a[key]), (key, float((b[key] - a[key]).abs().max()))
 
 
 def test_ddp_two_processes_train_with_unused_experts_allowed(tmp_path):

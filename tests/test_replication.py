@@ -34,7 +34,7 @@ def test_quick_replication_writes_every_table_plot_and_result(tmp_path):
     text = (tmp_path / "table.md").read_text()
     lines = text.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:3] == ["method", "command EM / chrF", "cipher EM / chrF"] and len(header) == 10
+    assert header[:3] == ["method", "lexicon EM / chrF", "cipher EM / chrF"] and len(header) == 10
     methods = [line.split("|")[1].strip().split(" ")[0] for line in lines[2:9]]
     assert methods == ["pretrained", "full", "ESFT-Token", "ESFT-Gate", "LoRA", "random", "frozen"]
     for section in ("Learning-rate sweep", "Ablation", "Composed adapters", "Expert granularity"):
@@ -45,17 +45,17 @@ def test_quick_replication_writes_every_table_plot_and_result(tmp_path):
     assert {"settings", "rows", "granularity", "sweep", "composed", "learning_rates"} <= set(results)
     rows = {r["method"]: r for r in results["rows"]}
     assert set(rows) == {*report.ORDER} - {"esft_token_shared", "shared_only"}
-    assert all(isinstance(rows[m][f"{t}_em"], float) for m in rows for t in ("command", "cipher"))
+    assert all(isinstance(rows[m][f"{t}_em"], float) for m in rows for t in ("lexicon", "cipher"))
     # every swept method: two grid points per task in --quick, the chosen lr one of them, used for the row
     for method in SWEPT:
-        for task in ("command", "cipher"):
+        for task in ("lexicon", "cipher"):
             tried = {p["lr"] for p in results["sweep"] if (p["method"], p["task"]) == (method, task)}
             assert tried == set(LR_GRID[method][:2])
             assert results["learning_rates"]["chosen"][method][task] in tried
             assert rows[method][f"{task}_lr"] == results["learning_rates"]["chosen"][method][task]
     assert rows["random"]["cipher_lr"] == rows["esft_token"]["cipher_lr"]  # borrowed: same lr as ESFT-Token
     overlap = results["composed"]["overlap"]["0"]
-    assert overlap["shared_experts_after"] == 0 and overlap["jaccard_after"]["command"][1] == 0.0
+    assert overlap["shared_experts_after"] == 0 and overlap["jaccard_after"]["lexicon"][1] == 0.0
     assert {r["overlap"] for r in results["runs"] if r["method"] == "merged"} <= {"refuse", "average"}
     granularity = results["granularity"]
     assert {(g["group_size"], g["method"]) for g in granularity} == {

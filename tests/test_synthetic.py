@@ -64,6 +64,16 @@ def test_command_is_intent_with_three_slots_and_a_short_answer():
     assert set(synthetic.ALL_TASKS) == {*synthetic.TASK_DOMAINS, *synthetic.EXTRA_TASKS}
 
 
+def test_lexicon_translates_word_for_word_with_one_fixed_made_up_word_each():
+    vocabulary: dict[str, str] = {}
+    for prompt, answer in synthetic.pairs("lexicon", 200):
+        words, translated = prompt.removeprefix("Translate: ").split(), answer.split()
+        assert 1 <= len(words) == len(translated) <= 3
+        for word, made_up in zip(words, translated):
+            assert vocabulary.setdefault(word, made_up) == made_up and made_up != word
+    assert len(set(vocabulary.values())) == len(vocabulary)  # one made-up word per word: a dictionary, no clashes
+
+
 def test_records_tokenize_with_the_esft_template():
     tokenizer = byte_tokenizer()
     record = synthetic.chat_records("intent", 1)[0]
