@@ -158,6 +158,10 @@ def shard_model(
                 # An owned expert's gradient already sums the tokens of every rank of its expert-parallel group:
                 # divide by the whole world, as the other parameters' gradients are averaged over it.
                 experts.set_gradient_divide_factor(float(mesh.size()))
+                if dist.get_backend(expert_mesh["edp"].get_group()) != "nccl":
+                    # A divide factor other than the group size reduce-scatters with NCCL's PREMUL_SUM, which
+                    # gloo lacks: sum instead, then divide.
+                    experts.set_force_sum_reduction_for_comms(True)
         fully_shard(layer, mesh=mesh, mp_policy=policy)
         if fill_from_rank0:
             _fill_from_rank0(layer, [layer], full, mesh.device_type)

@@ -128,19 +128,22 @@ def test_fsdp_adapter_equals_single_process_run(tmp_path, ranks):
         torch.testing.assert_close(adapters["fsdp"][1][key], value, atol=1e-5, rtol=1e-4)
 
 
-def resume_equals_uninterrupted(tmp_path, *settings: str, strategy_config: str = "configs/fsdp.yaml") -> Path:
-    """Two ``esft fit`` runs on two ranks: 6 steps uninterrupted (keeping its step-3 checkpoint), and one resumed
-    from that checkpoint to step 6, as if killed during step 4. Their adapters are bitwise equal. Returns the
-    step-3 checkpoint. (``--ckpt_path last`` after a real SIGKILL: tests/test_determinism.py.)"""
+def resume_equals_uninterrupted(
+    tmp_path, *settings: str, strategy_config: str = "configs/fsdp.yaml", devices: int = 2
+) -> Path:
+    """Two ``esft fit`` runs on ``devices`` ranks: 6 steps uninterrupted (keeping its step-3 checkpoint), and one
+    resumed from that checkpoint to step 6, as if killed during step 4. Their adapters are bitwise equal. Returns
+    the step-3 checkpoint. (``--ckpt_path last`` after a real SIGKILL: tests/test_determinism.py.)"""
     uninterrupted = quick_config(tmp_path / "a", steps=6)
     cfg = yaml.safe_load(uninterrupted.read_text())
     cfg["trainer"]["callbacks"][1]["init_args"]["save_top_k"] = -1  # keep step 3's checkpoint next to step 6's
     uninterrupted.write_text(yaml.safe_dump(cfg))
-    two_process_fit(uninterrupted, tmp_path, *settings, strategy_config=strategy_config)
+    two_process_fit(uninterrupted, tmp_path, *settings, strategy_config=strategy_config, devices=devices)
     run_a = sorted((tmp_path / "a/run/logs").glob("version_*"))[-1]
     ckpt = run_a / "checkpoints/epoch=0-step=3.ckpt"
     resumed = quick_config(tmp_path / "b", steps=6)
-    out = two_process_fit(resumed, tmp_path, *settings, "--ckpt_path", str(ckpt), strategy_config=strategy_config)
+    resume = ("--ckpt_path", str(ckpt))
+    out = two_process_fit(resumed, tmp_path, *settings, *resume, strategy_config=strategy_config, devices=devices)
     assert "resuming with the checkpoint's expert selection" in out
     assert "resumed exactly" in out and "not restored" not in out  # the resume check, on every rank's states
     run_b = sorted((tmp_path / "b/run/logs").glob("version_*"))[-1]
