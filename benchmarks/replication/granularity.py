@@ -65,6 +65,7 @@ def plot_granularity(summary: list[dict[str, Any]], task: str, out: Path) -> Non
     sizes = sorted({r["group_size"] for r in summary})
     panels = [("task_em", f"{task} exact match"), ("general_em", "general exact match"), ("trained_params", None)]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    colors = {method: f"C{i}" for i, method in enumerate(METHODS)}  # one colour a method in every panel
     for ax, (key, title) in zip(axes, panels):
         for method in METHODS:
             mine = sorted((r for r in summary if r["method"] == method), key=lambda r: r["group_size"])
@@ -73,7 +74,8 @@ def plot_granularity(summary: list[dict[str, Any]], task: str, out: Path) -> Non
             values = [r[key] for r in mine]
             errors = [r.get(f"{key}_sd") or 0.0 for r in mine]
             style = "--" if method == "base" else "-"
-            ax.errorbar([r["group_size"] for r in mine], values, yerr=errors, fmt=style, marker="o", ms=4, label=method)
+            sizes_of = [r["group_size"] for r in mine]
+            ax.errorbar(sizes_of, values, yerr=errors, fmt=style, marker="o", ms=4, color=colors[method], label=method)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [f"G={g}" for g in sizes])
         ax.set_title(title or "trained parameters")
