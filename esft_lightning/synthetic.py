@@ -137,8 +137,13 @@ def _pseudo_word(rng: random.Random) -> str:
     return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
 
 
-# A fixed made-up word for each of _WORDS (drawn once from seed 11): vocabulary pretraining never saw.
-_LEXICON = dict(zip(_WORDS, (lambda rng: [_pseudo_word(rng) for _ in _WORDS])(random.Random(11))))
+def _made_up_words(seed: int) -> dict[str, str]:
+    """A made-up word of 2-3 consonant-vowel syllables for each of ``_WORDS``, drawn from ``seed``."""
+    rng = random.Random(seed)
+    return {word: _pseudo_word(rng) for word in _WORDS}
+
+
+_LEXICON = _made_up_words(11)  # fixed: vocabulary pretraining never saw
 
 
 def lexicon(rng: random.Random) -> tuple[str, str]:

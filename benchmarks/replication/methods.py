@@ -15,7 +15,7 @@ from torch import nn
 from esft_lightning.adapters import save_adapter
 from esft_lightning.analysis.granularity_run import forever  # one training loop for both
 from esft_lightning.analysis.granularity_run import train_steps as train
-from esft_lightning.callbacks.routing_drift import general_dataloader, js_divergence
+from esft_lightning.callbacks.routing_drift import general_dataloader, layer_drift
 from esft_lightning.experts import apply_expert_config
 from esft_lightning.models import find_moe_layers
 from esft_lightning.routing import RoutingProfile
@@ -132,7 +132,7 @@ def drift(model: nn.Module, before: RoutingProfile, loader: torch.utils.data.Dat
     """Mean over layers of the JS divergence of token scores after training from those before."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     after = profile(inner, loader, max_tokens)
-    return statistics.mean(js_divergence(before.token_scores[k], after.token_scores[k]) for k in before.token_scores)
+    return statistics.mean(layer_drift(before.token_scores, after.token_scores).values())
 
 
 def score_run(

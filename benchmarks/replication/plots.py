@@ -17,6 +17,7 @@ from esft_lightning.selection import select_experts
 from esft_lightning.tokenizer import byte_tokenizer
 
 from .data import base_model, profile
+from .experiments import jaccard
 
 
 def _pyplot() -> Any:
@@ -58,7 +59,7 @@ def routing_figures(args: argparse.Namespace, tmp: Path, out: Path) -> dict[str,
         )
         dm.tokenizer = tokenizer
         scores = profile(model, dm.task_dataloader(), args.profile_tokens).token_scores
-        selections[name] = select_experts(scores, top_p=0.2).experts
+        selections[name] = select_experts(scores, top_p=0.2)
         shares[name] = {k: torch.sort(s, descending=True).values.cumsum(0)[:8].tolist() for k, s in scores.items()}
     layers = sorted(next(iter(shares.values())))
     num_experts = find_moe_layers(model)[0].num_experts
@@ -77,9 +78,6 @@ def routing_figures(args: argparse.Namespace, tmp: Path, out: Path) -> dict[str,
     fig.savefig(out / "concentration.png", dpi=110)
     plt.close(fig)
 
-    def jaccard(a: dict, b: dict) -> float:
-        return statistics.mean(len(set(a[k]) & set(b[k])) / max(len(set(a[k]) | set(b[k])), 1) for k in a)
-
     matrix = [[jaccard(selections[a], selections[b]) for b in names] for a in names]
     fig, ax = plt.subplots(figsize=(6, 5))
     image = _matrix(ax, matrix, names, "Selected experts shared between tasks")
@@ -88,7 +86,7 @@ def routing_figures(args: argparse.Namespace, tmp: Path, out: Path) -> dict[str,
     fig.savefig(out / "overlap.png", dpi=110)
     plt.close(fig)
     top6 = {n: statistics.mean(shares[n][k][5] for k in layers) for n in names}
-    counts = {n: statistics.mean(len(v) for v in selections[n].values()) for n in names}
+    counts = {n: statistics.mean(len(v) for v in selections[n].experts.values()) for n in names}
     return {
         "top6_share": top6,
         "experts_per_layer": counts,
