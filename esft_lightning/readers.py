@@ -146,7 +146,8 @@ def _parse_json(raw: bytes, path: Path, first_line: int, kind: str) -> Any:
     """``raw`` (the lines of ``path`` from ``first_line`` on) as JSON; bad UTF-8 or JSON raise ``DataError`` naming
     ``file:line`` (bytes in, so a bad encoding is reported with its line and column)."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        return json.loads(text)
     except UnicodeDecodeError as err:
         line = first_line + raw[: err.start].count(b"\n")
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
@@ -155,8 +156,11 @@ def _parse_json(raw: bytes, path: Path, first_line: int, kind: str) -> Any:
             f"{kind} data must be UTF-8 encoded"
         ) from None
     except json.JSONDecodeError as err:
-        line = first_line + err.lineno - 1
-        raise DataError(f"{path}:{line}: malformed JSON ({err.msg}, column {err.colno})") from None
+        # A record cut short fails past its last character (after the line's newline): report where the text ends.
+        end = min(err.pos, len(text.rstrip()))
+        line = first_line + text.count("\n", 0, end)
+        column = end - (text.rfind("\n", 0, end) + 1) + 1
+        raise DataError(f"{path}:{line}: malformed JSON ({err.msg}, column {column})") from None
     except RecursionError:
         raise DataError(f"{path}:{first_line}: malformed JSON (nested too deeply)") from None
 

@@ -8,6 +8,7 @@ from esft_lightning.experts import apply_expert_config
 from esft_lightning.experts_forward import expert_param_names
 from esft_lightning.models import (
     FAMILIES,
+    VERIFIED,
     UnsupportedModelError,
     build_tiny_model,
     causal_lm_moe_families,
@@ -19,12 +20,52 @@ from esft_lightning.selection import ExpertConfig
 
 ALL = causal_lm_moe_families()
 REFUSED = [f for f in ALL if f in FAMILIES and FAMILIES[f].unsupported]
-SUPPORTED = [f for f in ALL if f not in REFUSED]
+SUPPORTED = [f for f in ALL if f in VERIFIED]
+NEWER = [f for f in ALL if f not in REFUSED and f not in VERIFIED]  # in a transformers newer than our checks
 
 
 def test_enough_families_are_supported():
     assert len(ALL) >= 60, ALL  # the enumeration itself finds the installed transformers' MoE families
     assert len(SUPPORTED) >= 52 and "gpt_oss" in SUPPORTED, SUPPORTED
+    assert not VERIFIED & {f.model_type for f in FAMILIES.values() if f.unsupported}
+
+
+@pytest.mark.parametrize("family", NEWER or ["(none)"])
+def test_newer_families_train_or_are_refused_with_their_reason(family, tmp_path):
+    """A family that a newer transformers adds must not turn the suite red: it trains by structure, or it raises
+    UnsupportedModelError saying why; anything else is reported as not yet verified, never as a failure."""
+    if family == "(none)":
+        pytest.skip("every MoE family of the installed transformers is verified or refused")
+    import warnings
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            end_to_end(lambda: build_tiny_model(family).eval(), tmp_path)
+    except UnsupportedModelError as err:
+        assert str(err).startswith(f"{family}: ") and len(str(err)) > len(family) + 20, str(err)
+        return
+    except Exception as err:  # a tiny config the generic shrinking cannot make, a layout not yet handled
+        pytest.xfail(f"{family} is not verified with esft-lightning: {type(err).__name__}: {err}"[:500])
+    assert any(f"{family}: this MoE family was not among" in str(w.message) for w in caught)  # the user is told
+
+
+def test_an_unverified_family_trains_by_structure_and_warns(monkeypatch, tmp_path):
+    import esft_lightning.models as models
+
+    monkeypatch.setattr(models, "VERIFIED", VERIFIED - {"afmoe"})  # as if a newer transformers had just added it
+    models._warn_unverified.cache_clear()
+    with pytest.warns(UserWarning, match="afmoe: this MoE family was not among those esft-lightning trained"):
+        end_to_end(lambda: build_tiny_model("afmoe").eval(), tmp_path)
+    models._warn_unverified.cache_clear()
+
+
+def test_a_family_without_fused_experts_is_refused_with_its_reason():
+    # ergo (transformers 5.25) keeps its experts in a module list: found as MoE by its router, refused by structure.
+    if "ergo" not in ALL:
+        pytest.skip("the installed transformers has no ergo family")
+    with pytest.raises(UnsupportedModelError, match="ergo: routed experts are not a transformers fused experts"):
+        find_moe_layers(build_tiny_model("ergo"))
 
 
 @pytest.mark.parametrize("family", REFUSED)
@@ -158,10 +199,12 @@ def test_docs_table_lists_what_the_code_supports():
     documented_version = re.search(r"with transformers (\S+):", text)[1]
     if documented_version != transformers.__version__:
         pytest.skip(f"docs/families.md was generated with transformers {documented_version}")
-    rows = dict(re.findall(r"^\| `(\w+)` \| (supported|refused) \|", text, re.MULTILINE))
+    rows = dict(re.findall(r"^\| `(\w+)` \| (supported|refused|unverified) \|", text, re.MULTILINE))
     stale = "docs/families.md is stale: python -m esft_lightning.models --markdown > docs/families.md"
+    assert sorted(rows) == list(ALL), stale
     assert sorted(f for f, s in rows.items() if s == "supported") == SUPPORTED, stale
-    assert sorted(f for f, s in rows.items() if s == "refused") == REFUSED, stale
+    assert set(REFUSED) <= {f for f, s in rows.items() if s == "refused"}, stale
+    assert {f for f, s in rows.items() if s != "supported"} == set(NEWER) | set(REFUSED), stale
 
 
 def test_family_descriptions_discovered_or_refused_with_the_model_type():

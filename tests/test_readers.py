@@ -81,6 +81,18 @@ def test_json_array_file(tmp_path):
         tokenize_source(path, TOK, tmp_path / "c")
 
 
+def test_a_record_cut_short_at_the_end_of_its_line_names_that_line(tmp_path):
+    # The JSON error's position lies past the line's newline; it was reported as the next line (file:4).
+    path = tmp_path / "cut.jsonl"
+    whole = json.dumps(chat("q", "a"))
+    path.write_text(f"{whole}\n{whole}\n{whole[:-5]}\n{whole}\n")
+    with pytest.raises(DataError, match=r"cut\.jsonl:3: malformed JSON \(.*, column \d+\)"):
+        list(read_records(path))
+    path.write_text(f"{whole}\n{whole[:-5]}")  # the last line, with no newline after it
+    with pytest.raises(DataError, match=r"cut\.jsonl:2: malformed JSON"):
+        list(read_records(path))
+
+
 def test_csv_with_prompt_completion_or_text_columns(tmp_path):
     path = tmp_path / "pc.csv"
     path.write_text('prompt,completion\n"Say 0123, then NA:"," 0123 NA"\n')

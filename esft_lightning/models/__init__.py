@@ -17,6 +17,7 @@ from .discovery import LAYOUT_FLAGS, decoder_layers, discover_moe_layers, is_exp
 from .locate import find_moe_model
 from .overrides import REFUSED, TINY_FIXES
 from .tiny import shrink_config_dict
+from .verified import VERIFIED, VERIFIED_WITH
 
 FAMILIES: dict[str, MoEFamily] = {
     f.model_type: f
@@ -34,6 +35,8 @@ __all__ = [
     "MoEFamily",
     "MoELayer",
     "UnsupportedModelError",
+    "VERIFIED",
+    "VERIFIED_WITH",
     "build_tiny_model",
     "causal_lm_moe_families",
     "decoder_layers",
@@ -84,7 +87,7 @@ def _infer_scoring(config: Any) -> str | None:
 
 def _unknown_family_message(model_type: str) -> str:
     """Why ``model_type`` is no family: the supported families of the installed transformers, close matches first."""
-    supported = [f for f in causal_lm_moe_families() if not (f in FAMILIES and FAMILIES[f].unsupported)]
+    supported = [f for f in causal_lm_moe_families() if f in VERIFIED]
     close = difflib.get_close_matches(model_type, supported, n=3)
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
     return (
@@ -119,7 +122,22 @@ def get_family(model_or_type: nn.Module | str) -> MoEFamily:
                 "e.g. deepseek_v3, mixtral, qwen3_moe: see docs/families.md)"
             )
         family = MoEFamily(model_type, scoring=_infer_scoring(model_or_type.config), discovered=True)
+        if model_type not in VERIFIED:
+            _warn_unverified(model_type)
     return family
+
+
+@functools.cache
+def _warn_unverified(model_type: str) -> None:
+    """Once per family: a family newer than the project's checks is tried by structure, and the user is told so."""
+    import warnings
+
+    warnings.warn(
+        f"{model_type}: this MoE family was not among those esft-lightning trained end to end (transformers "
+        f"{VERIFIED_WITH} and older); its experts were found by structure. Check the selection and a few training "
+        "steps before a long run, and report problems.",
+        stacklevel=3,
+    )
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -39,6 +39,9 @@ TINY_FIXES = (
     MoEFamily("jamba", tiny_config=dict(attn_layer_period=2, attn_layer_offset=0)),
     MoEFamily("granitemoehybrid", tiny_config=dict(layer_types=["mamba", "attention"])),
     MoEFamily("lfm2_moe", tiny_config=dict(layer_types=["conv", "full_attention"])),
+    # Its indexed-attention layer lists name full-size layer numbers; left unset, the config derives them from the
+    # tiny model's own layer_types.
+    MoEFamily("kolibri1_1", tiny_config=dict(index_layers=None, kv_source_layers=None)),
     # The sparse-attention indexer has no defaults.
     MoEFamily(
         "qwen4_exp_text",

@@ -29,6 +29,7 @@ _SIZES: dict[str, int] = {
     "qk_head_dim": 24,
     "v_head_dim": 16,
     "index_n_heads": 2,
+    "index_num_heads": 2,
     "index_head_dim": 16,
     "index_topk": 16,
     "num_experts": 8,
