@@ -20,6 +20,8 @@ from .experts import remove_expert_split, validate_expert_config
 from .experts_forward import TRAINED_PREFIX, expert_param_names
 from .files import atomic_write_dir
 from .models import find_moe_layers
+from .models.loading import load_model
+from .quantized import read_quantization
 from .selection import CONFIG_FILE, ExpertConfig
 
 WEIGHTS_FILE = "adapter.safetensors"  # beside selection.CONFIG_FILE, the expert config
@@ -258,10 +260,19 @@ def merge_adapter(
     trust_remote_code: bool = False,
     overlap: OverlapPolicy = "refuse",
 ) -> Path:
-    """Base model directory + one or more adapters -> a standard ``save_pretrained`` directory (with tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Base model directory + one or more adapters -> a standard ``save_pretrained`` directory (with tokenizer).
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code, dtype="auto")
+    A quantized base (block FP8, MXFP4) is dequantized while it loads, like every other load path, and the merged
+    model is written in the base's unquantized dtype (``torch_dtype``, e.g. bf16) without a quantization config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if read_quantization(base_dir) is not None:
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+        model = load_model(base_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code, dtype="auto")
     load_adapters(model, [adapter_dir] if isinstance(adapter_dir, (str, os.PathLike)) else list(adapter_dir), overlap)
     out = Path(out_dir)
     model.save_pretrained(out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -12,7 +14,22 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RowsSpec", "SafetensorsFile", "WeightFiles", "has_safetensors"]
+from .quantized import (
+    check_fp8_scale_shape,
+    dequantize_fp8_rows,
+    dequantize_mxfp4,
+    quantized_tensor_names,
+    read_quantization,
+)
+
+__all__ = ["RowsSpec", "SafetensorsFile", "UnusedWeightsError", "WeightFiles", "has_safetensors"]
+
+logger = logging.getLogger(__name__)
+
+
+class UnusedWeightsError(ValueError):
+    """Tensors stored in a model directory that no parameter or buffer of the model reads."""
+
 
 RowsSpec = range | Sequence[int] | None
 """Rows of dim 0 to read: a range (contiguous: one slice read), a list of indices, or None for all."""
@@ -33,6 +50,14 @@ class WeightFiles(Mapping[str, torch.Tensor]):
     reads experts 0..7, and nothing is held in memory between calls. As a ``Mapping`` (``files[name]``) it serves
     whole tensors one at a time, which is how profiling streams one layer's weights after another.
 
+    Quantized checkpoints (``quantization_config`` in ``config.json``: block FP8, MXFP4) are dequantized as they
+    are read, rows included (``quantized.py``): their scale tensors are consumed by their weights.
+
+    Nothing stored is ignored silently: a tensor that no parameter or buffer reads raises ``UnusedWeightsError``
+    naming it, except whole decoder layers past the model's last one (DeepSeek-V3's multi-token-prediction layer
+    ``model.layers.61``), skipped with one log line; a scale whose grid does not match its weight, or an FP8
+    weight without its scale, is a ``ValueError`` naming both.
+
     ``model`` only names the parameters (it may live on the meta device). Raises ``FileNotFoundError`` for a
     directory without safetensors files and ``KeyError`` naming the file for a parameter no file holds.
     """
@@ -50,6 +75,19 @@ class WeightFiles(Mapping[str, torch.Tensor]):
         files = _safetensors_files(self.directory)
         self._handles = {f.name: SafetensorsFile(f) for f in files}
         where = {key: name for name, handle in self._handles.items() for key in handle.keys()}
+        self.scheme = read_quantization(self.directory)
+        self._quantized = self._pair_quantized(where, model)
+        self.skipped = _layers_past_the_model(where, model)
+        if self.skipped:
+            layers = sorted({int(re.search(r"\.layers\.(\d+)\.", k)[1]) for k in self.skipped})
+            logger.info(
+                "%s: skipping %d stored tensors of decoder layers %s, which this architecture has no place for "
+                "(e.g. DeepSeek-V3's multi-token-prediction layer)",
+                self.directory,
+                len(self.skipped),
+                layers,
+            )
+            where = {k: v for k, v in where.items() if k not in set(self.skipped)}
         aliases = _names_by_tensor(model)
         wanted = {name for names in aliases for name in names}
         present = dict.fromkeys(wanted, True)  # (rename_source_key only asks whether a name exists)
@@ -80,6 +118,60 @@ class WeightFiles(Mapping[str, torch.Tensor]):
                 if stored is not None:
                     self._alias[name] = stored
         self.missing = sorted(name for name in wanted if name not in self._alias)
+        if self.unused:
+            shown = ", ".join(self.unused[:8]) + (f" and {len(self.unused) - 8} more" if len(self.unused) > 8 else "")
+            raise UnusedWeightsError(
+                f"{self.directory}: {len(self.unused)} stored tensors are read by no parameter or buffer of the "
+                f"{type(model).__name__}: {shown} (a checkpoint of another architecture or config, or a storage "
+                "format esft-lightning does not know)"
+            )
+
+    def _pair_quantized(self, where: dict[str, str], model: nn.Module) -> dict[str, tuple[str, str, str, str]]:
+        """Quantized tensors by the name they are read under -> (kind, value key, scale key, scale file); their
+        stored keys are replaced in ``where`` by that name. Checks scale grids and unpaired FP8 weights."""
+        pairs = quantized_tensor_names(list(where), self.scheme)
+        out = {}
+        for name, (kind, value_key, scale_key) in pairs.items():
+            value_file, scale_file = where.pop(value_key), where.pop(scale_key)
+            if kind == "fp8":
+                check_fp8_scale_shape(
+                    self._handles[value_file].shape(value_key),
+                    self._handles[scale_file].shape(scale_key),
+                    self.scheme.block_size,
+                    value_key,
+                    scale_key,
+                )
+            where[name] = value_file
+            out[name] = (kind, value_key, scale_key, scale_file)
+        for key, file in where.items():
+            if key not in out and self._handles[file].dtype_name(key).startswith("F8_"):
+                raise ValueError(
+                    f"{self.directory}/{file}: {key} is stored in FP8 without a `{key}_scale_inv` scale (or the "
+                    "config.json has no fp8 quantization_config): its raw values are not the weights"
+                )
+        self._transposed = {
+            f"{module_name}.{leaf}" if module_name else leaf
+            for module_name, module in model.named_modules()
+            if getattr(module, "is_transposed", False)
+            for leaf, _ in module.named_parameters(recurse=False)
+        }
+        return out
+
+    def _read_key(self, file: str, key: str, rows: RowsSpec = None) -> torch.Tensor:
+        """Stored tensor ``key`` (or ``rows`` of it): as stored, or dequantized to float32 when it is quantized."""
+        quantized = self._quantized.get(key)
+        if quantized is None:
+            return self._handles[file].read(key, rows)
+        kind, value_key, scale_key, scale_file = quantized
+        if kind == "fp8":
+            weight = self._handles[file].read(value_key, rows)
+            rows = range(self._handles[file].shape(value_key)[0]) if rows is None else rows
+            block = self.scheme.block_size
+            return dequantize_fp8_rows(weight, lambda b: self._handles[scale_file].read(scale_key, b), rows, block)
+        value = dequantize_mxfp4(
+            self._handles[file].read(value_key, rows), self._handles[scale_file].read(scale_key, rows)
+        )
+        return value.transpose(1, 2).contiguous() if key in self._transposed else value
 
     # -- Mapping: whole tensors by name ------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -96,14 +188,15 @@ class WeightFiles(Mapping[str, torch.Tensor]):
 
     # -- reading ------------------------------------------------------------------------------------
     def read(self, name: str, rows: RowsSpec = None) -> torch.Tensor:
-        """Parameter ``name`` (the model's naming) as stored, or only ``rows`` of its dim 0, in the file's dtype."""
+        """Parameter ``name`` (the model's naming) as stored, or only ``rows`` of its dim 0, in the file's dtype
+        (float32 for quantized tensors, dequantized)."""
         _return_freed_memory()  # the previous read's buffers, freed by now
         stored = self._alias.get(name)
         if stored is None:
             raise KeyError(f"no safetensors file in {self.directory} holds {name!r}")
         if stored in self._plain:
             file, key = self._plain[stored]
-            return self._handles[file].read(key, rows)
+            return self._read_key(file, key, rows)
         if rows is not None and len(rows) == 0:  # a rank may own no row of a small tensor
             return self.read(name, [0])[0:0]
         converter, sources = self._fused[stored]
@@ -115,7 +208,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
             listed = sources.get(pattern, [])
             for index in range(len(listed)) if rows is None else rows:
                 file, key = listed[index]
-                fresh.add_tensor(stored, key, pattern, lambda f=file, k=key: self._handles[f].read(k))
+                fresh.add_tensor(stored, key, pattern, lambda f=file, k=key: self._read_key(f, k))
         converted = fresh.convert(stored)
         value = converted[stored]
         return value[0] if isinstance(value, list) else value
@@ -149,6 +242,9 @@ class SafetensorsFile:
 
     def shape(self, key: str) -> list[int]:
         return list(self._header[key]["shape"])
+
+    def dtype_name(self, key: str) -> str:
+        return str(self._header[key]["dtype"])
 
     def read(self, key: str, rows: RowsSpec = None) -> torch.Tensor:
         """Tensor ``key``, or only ``rows`` of its dim 0, in the stored dtype."""
@@ -220,6 +316,25 @@ def _safetensors_files(directory: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"{directory} has no *.safetensors files")
     return files
+
+
+def _layers_past_the_model(where: dict[str, str], model: nn.Module) -> list[str]:
+    """Stored keys of whole decoder layers numbered past the model's last layer (``...layers.N.`` with N beyond
+    every ``layers.N`` the model has): extra layers such as multi-token prediction, which the model never runs."""
+    pattern = re.compile(r"^(.*\.layers)\.(\d+)\.")
+    last: dict[str, int] = {}
+    for name, _ in model.named_parameters():
+        found = pattern.match(name)
+        if found:
+            last[found[1]] = max(last.get(found[1], -1), int(found[2]))
+    if not last:
+        return []
+    skipped = []
+    for key in where:
+        found = pattern.match(key)
+        if found and int(found[2]) > max(last.values()) and any(found[1].endswith(p) for p in last):
+            skipped.append(key)
+    return skipped
 
 
 def _names_by_tensor(model: nn.Module) -> list[list[str]]:

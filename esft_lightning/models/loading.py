@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..weight_files import has_safetensors
+from ..quantized import read_quantization
+from ..weight_files import WeightFiles, has_safetensors
 
 __all__ = ["MODEL_ARGS", "load_model", "load_tokenizer", "resolve_model_path", "param_dtype"]
 
@@ -86,10 +87,17 @@ def load_model(
             raise FileNotFoundError(
                 f"model directory {path!r} does not exist (models load from local directories only)"
             )
-        if on_meta:
+        from ..sharded_loading import fill_from_files, load_persistent_buffers
+
+        quantized = read_quantization(path)
+        if on_meta or quantized:
             from accelerate import init_empty_weights
 
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            # The project dequantizes quantized files itself (every load path reads through WeightFiles), so the
+            # model is built plain: transformers never swaps in its own FP8/MXFP4 modules the experts split does
+            # not know, and a saved (merged) model says what it holds.
+            _drop_quantization_config(config)
             # Parameters on the meta device; buffers (rotary tables) built for real: they are small and
             # non-persistent ones are in no file.
             with init_empty_weights(include_buffers=False):
@@ -97,14 +105,18 @@ def load_model(
                     config, trust_remote_code=trust_remote_code, dtype=dtype, **extra
                 )
             if has_safetensors(path):
-                from ..sharded_loading import load_persistent_buffers
-                from ..weight_files import WeightFiles
-
-                load_persistent_buffers(built, WeightFiles(path, built))
+                files = WeightFiles(path, built)
+                if on_meta:
+                    load_persistent_buffers(built, files)
+                else:  # one process, quantized files: every weight read and dequantized here
+                    fill_from_files(built, files, torch.device("cpu"))
+                    built.eval()
         else:
             built = AutoModelForCausalLM.from_pretrained(
                 path, trust_remote_code=trust_remote_code, dtype=dtype, **extra
             )
+            if has_safetensors(path):
+                WeightFiles(path, built)  # headers only: a stored tensor the model does not read is an error
         get_family(built)
     else:
         overrides = {**({} if vocab_size is None else {"vocab_size": vocab_size}), **(model_config or {})}
@@ -118,6 +130,12 @@ def load_model(
     if activation_checkpointing:
         enable_activation_checkpointing(built)
     return built
+
+
+def _drop_quantization_config(config: Any) -> None:
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and getattr(cfg, "quantization_config", None) is not None:
+            delattr(cfg, "quantization_config")
 
 
 def _has_tokenizer(path: str) -> bool:
