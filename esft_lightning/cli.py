@@ -121,6 +121,12 @@ def _tool_main(command: str, argv: list[str]) -> None:
 
         joint_main(argv)
         return
+    if command in ("profile", "select"):
+        from .scores_command import profile_logs_main, select_from_files_main, wants_file_command
+
+        if wants_file_command(argv):  # ESFT's routing logs or a scores file: no model, no config
+            (profile_logs_main if command == "profile" else select_from_files_main)(argv)
+            return
     parser = argparse.ArgumentParser(prog=f"esft {command}")
     if command == "merge":
         parser.add_argument("--base", required=True, help="base model directory (save_pretrained layout)")
@@ -137,11 +143,18 @@ def _tool_main(command: str, argv: list[str]) -> None:
             default="refuse",
             help="when adapters train the same expert: refuse (default), keep the first adapter's, or average",
         )
+        parser.add_argument(
+            "--format",
+            choices=["bf16", "original"],
+            default="bf16",
+            help="for a quantized base (block FP8, MXFP4): bf16 weights, or the base's own format with the trained "
+            "experts re-quantized in the same blocks (default: bf16)",
+        )
         parser.add_argument("--trust_remote_code", action="store_true")
         ns = parser.parse_args(argv)
         from .adapters import merge_adapter
 
-        out = merge_adapter(ns.base, ns.adapter, ns.out, ns.trust_remote_code, overlap=ns.overlap)
+        out = merge_adapter(ns.base, ns.adapter, ns.out, ns.trust_remote_code, overlap=ns.overlap, format=ns.format)
         print(f"merged model with {len(ns.adapter)} adapter(s) written to {out}")
         return
     parser.add_argument(
@@ -153,6 +166,15 @@ def _tool_main(command: str, argv: list[str]) -> None:
     parser.add_argument("--max_tokens", type=int, default=None)
     parser.add_argument("--shared_experts", action="store_true", default=None)
     parser.add_argument("--non_expert_modules", action="store_true", default=None)
+    from .scores_command import add_score_averaging_argument
+
+    add_score_averaging_argument(parser, None)  # unset: the callback's score_averaging holds
+    parser.add_argument(  # listed for --help only: dispatched to scores_command.py before this
+        "--esft_logs",
+        metavar="DIR",
+        help="work from ESFT's routing logs (expert_weights_<layer>.txt) instead of a model; select also takes "
+        "--scores FILE and --decimals N (see `esft select --esft_logs x --help`)",
+    )
     if command == "select":
         from .select_command import add_exclusion_arguments
 
@@ -221,6 +243,7 @@ def configured_spec(trainer: L.Trainer, overrides: dict) -> tuple[SelectionSpec,
         expert_config=None,  # profile / select always profile
         exclude=overrides.get("exclude") or spec.exclude,
         exclude_strict=spec.exclude_strict and not overrides.get("best_effort"),
+        score_averaging=overrides.get("score_averaging") or spec.score_averaging,
     )
     return spec, None if found is None else found.profile_batch_size
 

@@ -38,6 +38,10 @@ def has_split(experts: nn.Module) -> bool:
     return hasattr(experts, "esft_expert_ids")
 
 
+GROUPED_MM_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+"""Dtypes torch's grouped matmul takes: float64 raises "Expected mat_a to be Float32, BFloat16 or Float16"."""
+
+
 def grouped_mm_supported(
     device_type: str,
     torch_version: str,
@@ -52,8 +56,11 @@ def grouped_mm_supported(
 
     CPU kernels exist from torch 2.9 and need 16-byte aligned inputs up to torch 2.10; on CUDA,
     ``F.grouped_mm`` (torch >= 2.10) and ``torch._grouped_mm`` (torch >= 2.9) need compute capability 8.0, older
-    ``torch._grouped_mm`` Hopper (9.x); under ``torch.compile`` only bf16 is supported.
+    ``torch._grouped_mm`` Hopper (9.x); under ``torch.compile`` only bf16 is supported. Other dtypes than
+    ``GROUPED_MM_DTYPES`` (float64) are never supported: transformers' own ``grouped_mm`` does not check that.
     """
+    if dtype not in GROUPED_MM_DTYPES:
+        return False
     version = _version(torch_version)
     if not (has_functional or has_private):
         return False
@@ -76,7 +83,10 @@ def _version(text: str) -> Version:
 
 
 def can_use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """``grouped_mm_supported`` for these tensors on this machine."""
+    """``grouped_mm_supported`` for these tensors on this machine (every weight's dtype must be supported: the
+    inputs are cast to the weights' dtype)."""
+    if any(w.dtype not in GROUPED_MM_DTYPES for w in weights):
+        return False
     capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
     compiling = torch.compiler.is_compiling()
     return grouped_mm_supported(
@@ -122,11 +132,16 @@ def _local_experts_forward(
     base = getattr(self, "_esft_base_impl", None) or "grouped_mm"
     if not split and (base != "grouped_mm" or hidden_states.device.type != "cpu"):
         return base_forward(self)(self, hidden_states, top_k_index, top_k_weights)
-    names = expert_param_names(self)
-    if base != "eager" and can_use_grouped_mm(hidden_states, *(getattr(self, n) for n in names[:2])):
+    names = expert_param_names(self)[:2]
+    weights = [getattr(self, n) for n in names] + ([getattr(self, TRAINED_PREFIX + n) for n in names] if split else [])
+    if base != "eager" and can_use_grouped_mm(hidden_states, *weights):
         return _split_grouped(self, hidden_states, top_k_index, top_k_weights)
-    forward = _split_eager if split else base_forward(self)
-    return forward(self, hidden_states, top_k_index, top_k_weights)
+    if split:
+        return _split_eager(self, hidden_states, top_k_index, top_k_weights)
+    if any(w.dtype not in GROUPED_MM_DTYPES for w in weights):
+        # transformers' grouped_mm would raise on this dtype too: the experts class's own per-expert loop
+        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+    return base_forward(self)(self, hidden_states, top_k_index, top_k_weights)
 
 
 ALL_EXPERTS_FUNCTIONS.register(ESFT_IMPLEMENTATION, esft_experts_forward)

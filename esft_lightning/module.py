@@ -27,6 +27,7 @@ from .distributed import (
 )
 from .expert_parallel import expert_parallel_mesh, localize_experts, routed_expert_bytes
 from .experts import is_trained_copy, trainable_summary
+from .models.aux_loss import SequenceBalanceLoss, has_sequence_balance_loss
 from .models.loading import MODEL_ARGS, load_model, load_tokenizer, resolve_model_path
 from .selection import ExpertConfig
 from .selection_spec import restore, selection_entry
@@ -55,7 +56,11 @@ class ESFTModule(L.LightningModule):
         optimizer: optimizer over the trainable parameters only (default AdamW lr 1e-5, betas
             0.9/0.95, weight decay 0.1: the paper's ESFT recipe).
         lr_scheduler: optional scheduler (the paper uses a constant rate).
-        router_aux_loss_coef: weight of the model's router load-balancing loss (0: off; routers are frozen).
+        router_aux_loss_coef: weight of the model's router load-balancing loss (0: off), logged unweighted as
+            ``train/aux_loss``. Families that transformers gives a router loss (Mixtral, Qwen-MoE, OLMoE, ...) use
+            it; DeepSeek-V2/V3, whose own modeling code trains with a sequence-level balance loss that transformers
+            drops, get that loss computed here (``models.aux_loss``; the ESFT recipe: 0.001). Routers stay frozen,
+            but the loss's gradient reaches the trained experts of earlier layers.
         save_trainable_only: Lightning checkpoints hold only trainable tensors (plus optimizer state).
         fsdp_bf16: under FSDP2 (ModelParallelStrategy), compute in bf16 (gradients reduced in fp32); the sharded
             parameters keep their own dtype.
@@ -92,6 +97,7 @@ class ESFTModule(L.LightningModule):
         self.strict_loading = False  # small checkpoints hold only the trainable tensors
         self._step_started = 0.0
         self._memory_reported = False
+        self.last_aux_loss: torch.Tensor | None = None  # the last training step's router aux loss, unweighted
         self.eval_loss = nn.ModuleDict()  # "val/<source>", "test/<source>" -> token-weighted MeanMetric
 
     # -- building --------------------------------------------------------------------------------
@@ -191,20 +197,36 @@ class ESFTModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
     def _loss(self, batch: dict[str, torch.Tensor], training: bool = False) -> tuple[torch.Tensor, Any]:
-        """Causal-LM loss; in training also the router aux loss and the data-parallel token normalisation."""
-        aux = {"output_router_logits": True} if training and self.router_aux_loss_coef > 0 else {}
+        """Causal-LM loss; in training also the router aux loss (kept unweighted in ``last_aux_loss``) and the
+        data-parallel token normalisation."""
+        self.last_aux_loss: torch.Tensor | None = None
+        with_aux = training and self.router_aux_loss_coef > 0
+        if with_aux and has_sequence_balance_loss(self.model):  # transformers computes none for it: we do
+            mask = batch.get("attention_mask")
+            with SequenceBalanceLoss(self.model) as balance:  # the routing of this very forward
+                loss, out = self._lm_loss(batch, training, router_logits=False)
+            self.last_aux_loss = balance.loss(torch.ones_like(batch["input_ids"]) if mask is None else mask)
+            return loss + self.router_aux_loss_coef * self.last_aux_loss, out
+        loss, out = self._lm_loss(batch, training, router_logits=with_aux)
+        if with_aux:
+            if getattr(out, "aux_loss", None) is None:
+                raise ValueError(
+                    f"{self.model.config.model_type} computes no router aux loss; set router_aux_loss_coef: 0"
+                )
+            self.last_aux_loss = out.aux_loss  # (out.loss holds it weighted already: load_model sets the coef)
+        return loss, out
+
+    def _lm_loss(self, batch: dict[str, torch.Tensor], training: bool, router_logits: bool) -> tuple[torch.Tensor, Any]:
+        kwargs: dict[str, Any] = {"output_router_logits": True} if router_logits else {}
         if training and self._trainer is not None and self.trainer.world_size > 1:
             # Data parallel averages gradients over ranks; normalising each rank's token-sum by the global
             # token count / world size makes that average the per-token mean of the global micro-batch.
             # (Under gradient accumulation each micro-batch is still normalised by its own tokens.)
             tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
             total = self.trainer.strategy.reduce(tokens, reduce_op="sum").clamp(min=1)  # no 0/0 on empty batches
-            aux["num_items_in_batch"] = total / self.trainer.world_size
-        out = self(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"], **aux)
-        loss = out.loss
-        if "output_router_logits" in aux and getattr(out, "aux_loss", None) is None:
-            raise ValueError(f"{self.model.config.model_type} computes no router aux loss; set router_aux_loss_coef: 0")
-        return loss, out
+            kwargs["num_items_in_batch"] = total / self.trainer.world_size
+        out = self(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"], **kwargs)
+        return out.loss, out
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
@@ -215,8 +237,13 @@ class ESFTModule(L.LightningModule):
         # Under data parallel each rank's loss is its token sum / (global tokens / world): the mean over
         # ranks (sync_dist) is the global per-token loss.
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        lm_loss = loss.detach()
+        if self.last_aux_loss is not None:  # the balance term is no language-model loss: not in the perplexity
+            aux = self.last_aux_loss.detach()
+            self.log("train/aux_loss", aux, batch_size=size, sync_dist=True)
+            lm_loss = lm_loss - self.router_aux_loss_coef * aux
         # Perplexity of the global loss (exp of the rank mean), not the mean of per-rank exps.
-        global_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        global_loss = self.trainer.strategy.reduce(lm_loss, reduce_op="mean")
         self.log("train/ppl", torch.exp(global_loss), batch_size=size)
         return loss
 

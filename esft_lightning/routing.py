@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -13,15 +13,29 @@ from tqdm.auto import tqdm
 
 from .models import MoELayer, find_moe_layers
 
+ScoreAveraging = Literal["sequence", "pooled"]
+SCORE_AVERAGINGS: tuple[str, ...] = get_args(ScoreAveraging)
+"""``sequence``: mean per sequence over its non-padding tokens, then over sequences (the paper's Eq. 6-7, the
+default). ``pooled``: counts over all tokens of all sequences / the layer's token total, which weights long
+sequences more; it is how ESFT's released summaries (and so its released expert configs) were made."""
+
+
+def check_score_averaging(score_averaging: str) -> None:
+    """Raise ``ValueError`` unless ``score_averaging`` is one of ``SCORE_AVERAGINGS``."""
+    if score_averaging not in SCORE_AVERAGINGS:
+        raise ValueError(f"score_averaging must be one of {', '.join(SCORE_AVERAGINGS)}, got {score_averaging!r}")
+
 
 @dataclass
 class RoutingProfile:
     """Per-layer expert scores of a task (docs/design.md section 1, paper Eq. 6-7)."""
 
     gate_scores: dict[int, torch.Tensor]
-    """layer -> [num_experts]: mean over sequences of the per-token mean gate value g_{i,t}."""
+    """layer -> [num_experts]: mean over sequences of the per-token mean gate value g_{i,t} (``pooled``: the mean
+    over all tokens)."""
     token_scores: dict[int, torch.Tensor]
-    """layer -> [num_experts]: mean over sequences of the per-token share of top-K slots; sums to 1."""
+    """layer -> [num_experts]: mean over sequences of the per-token share of top-K slots (``pooled``: the share
+    over all tokens); sums to 1."""
     num_tokens: int
     """Non-padding tokens profiled."""
     num_sequences: int = 0
@@ -121,7 +135,7 @@ class _LayerAccumulator:
 
     def __call__(self, token_weight: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:
         # token_weight[t] = 1 / (non-padding tokens of t's sequence), 0 for padding: summing weighted
-        # values over tokens gives the sum over sequences of per-sequence means.
+        # values over tokens gives the sum over sequences of per-sequence means (pooled: 1, a plain sum).
         k = topk_idx.shape[-1]
         topk_idx, topk_weights = topk_idx.reshape(-1, k), topk_weights.reshape(-1, k)
         if topk_idx.shape[0] != token_weight.shape[0]:
@@ -163,6 +177,7 @@ def profile_routing(
     progress: bool = True,
     device: torch.device | None = None,
     all_reduce: bool | None = None,
+    score_averaging: ScoreAveraging = "sequence",
 ) -> RoutingProfile:
     """Run ``batches`` through ``model`` and score every routed expert of every MoE layer.
 
@@ -173,8 +188,11 @@ def profile_routing(
     ``torch.distributed`` each rank profiles its own batches and the sums are all-reduced, so every
     rank returns the same scores (``all_reduce=False``: this process's batches only, e.g. when rank 0
     profiles alone). ``device``: where inputs go (default: the model's; set it when the model's weights are
-    streamed to another device during forward).
+    streamed to another device during forward). ``score_averaging``: ``sequence`` (paper Eq. 6-7) or ``pooled``
+    (ESFT's released summaries), see ``SCORE_AVERAGINGS``.
     """
+    check_score_averaging(score_averaging)
+    pooled = score_averaging == "pooled"
     layers = find_moe_layers(model)
     device = next(model.parameters()).device if device is None else torch.device(device)
     if all_reduce is None:
@@ -217,7 +235,9 @@ def profile_routing(
                 input_ids, mask, lengths = input_ids[keep], mask[keep], lengths[keep]
             if input_ids.numel() == 0:
                 continue
-            weight = mask.to(torch.float64) / lengths.unsqueeze(1).to(torch.float64)
+            weight = mask.to(torch.float64)
+            if not pooled:
+                weight = weight / lengths.unsqueeze(1).to(torch.float64)
             current["token_weight"] = weight.reshape(-1).float()
             decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
             batch_tokens = int(lengths.sum())
@@ -241,7 +261,9 @@ def profile_routing(
     num_tokens, num_sequences = int(totals[0]), int(totals[1])
     if num_sequences == 0:
         raise ValueError("profile_routing got no non-padding tokens: the profiling data is empty")
-    gate = {i: (a.gate / num_sequences).float().cpu() for i, a in accumulators.items()}
-    token = {i: (a.token / num_sequences).float().cpu() for i, a in accumulators.items()}
+    divisor = num_tokens if pooled else num_sequences  # sums of per-token values, or of per-sequence means
+    gate = {i: (a.gate / divisor).float().cpu() for i, a in accumulators.items()}
+    token = {i: (a.token / divisor).float().cpu() for i, a in accumulators.items()}
     scoring = {i: a.scoring for i, a in accumulators.items()}
-    return RoutingProfile(gate, token, num_tokens, num_sequences, meta={"scoring": scoring})
+    meta = {"scoring": scoring, "score_averaging": score_averaging}
+    return RoutingProfile(gate, token, num_tokens, num_sequences, meta=meta)

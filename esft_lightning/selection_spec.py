@@ -17,7 +17,7 @@ from torch import nn
 from .experts import apply_expert_config, dtype_from_name, stored_expert_dtypes, trained_copies_dtype
 from .models import find_moe_layers
 from .placement import Placement, placed_for_profiling
-from .routing import RoutingProfile, profile_routing
+from .routing import RoutingProfile, ScoreAveraging, check_score_averaging, profile_routing
 from .selection import ExpertConfig, all_experts, load_exclusion, no_experts, random_experts, select_experts
 
 __all__ = [
@@ -57,8 +57,12 @@ class SelectionSpec:
     tasks' adapters the model will hold too); the next-best experts are taken instead."""
     exclude_strict: bool = True
     """True: raise when a layer cannot reach top_p without excluded experts; False: keep the experts left, warn."""
+    score_averaging: ScoreAveraging = "sequence"
+    """How profiling averages over the task's tokens: ``sequence`` (per sequence, then over sequences: the paper's
+    Eq. 6-7) or ``pooled`` (over all tokens at once: what ESFT's released expert configs were made from)."""
 
     def __post_init__(self) -> None:
+        check_score_averaging(self.score_averaging)
         if self.score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"score_function must be one of {', '.join(SCORE_FUNCTIONS)}, got {self.score_function!r}")
         if isinstance(self.exclude, (str, Path)):  # one path given where a list is expected
@@ -131,8 +135,10 @@ def decide(
     budget = None if spec.max_tokens is None else -(-spec.max_tokens // world_size)
     device = next(model.parameters()).device if device is None else device
     with placed_for_profiling(model, device, spec.placement, keep=False) as where:
-        profile = profile_routing(model, batches, max_tokens=budget, device=where, all_reduce=all_reduce)
-    meta["num_tokens"] = profile.num_tokens
+        profile = profile_routing(
+            model, batches, max_tokens=budget, device=where, all_reduce=all_reduce, score_averaging=spec.score_averaging
+        )
+    meta.update(num_tokens=profile.num_tokens, score_averaging=spec.score_averaging)
     config = select_experts(
         profile.scores(spec.score_kind), spec.p, **spec.flags, meta=meta, exclude=excluded, strict=spec.exclude_strict
     )
@@ -233,11 +239,13 @@ def restore(model: nn.Module, saved: dict | None, spec: SelectionSpec | None = N
 
 
 def selection_entry(model: nn.Module, config: ExpertConfig) -> dict[str, Any]:
-    """The ``esft`` entry a checkpoint records: model type, selection and trainable dtype (what ``restore`` reads)."""
+    """The ``esft`` entry a checkpoint records: model type, selection and trainable dtype (what ``restore`` reads),
+    and how the selection's scores were averaged (None for a selection that profiled nothing)."""
     return {
         "model_type": model.config.model_type,
         "expert_config": config.to_dict(),
         "trainable_dtype": trained_copies_dtype(model),
+        "score_averaging": config.meta.get("score_averaging"),
     }
 
 

@@ -25,6 +25,8 @@ from .test_experts import batch, selection
         (dict(device_type="cpu", torch_version="2.13.0", has_functional=False, has_private=False), False),
         (dict(device_type="cpu", torch_version="2.13.0", compiling=True), False),  # compiled: bf16 only
         (dict(device_type="cpu", torch_version="2.13.0", compiling=True, dtype=torch.bfloat16), True),
+        (dict(device_type="cpu", torch_version="2.13.0", dtype=torch.float64), False),  # no float64 kernel
+        (dict(device_type="cuda", torch_version="2.10.0", cuda_capability=(9, 0), dtype=torch.float64), False),
     ],
 )
 def test_grouped_mm_decision_mirrors_transformers(facts, usable):

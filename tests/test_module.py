@@ -19,9 +19,11 @@ def test_router_aux_loss_is_added_when_asked():
     plain.build_model(), with_aux.build_model()
     base, _ = plain._loss(batch(), training=True)
     total, out = with_aux._loss(batch(), training=True)
+    assert with_aux.last_aux_loss is out.aux_loss  # logged as train/aux_loss
     torch.testing.assert_close(with_aux._loss(batch())[0], base)  # validation loss: no aux term
     torch.testing.assert_close(total, base + 0.5 * out.aux_loss)
-    no_aux = ESFTModule(family="deepseek_v3", router_aux_loss_coef=0.5)
+    # GLM-4.5 balances by bias (no aux loss); DeepSeek-V2/V3 get theirs from models/aux_loss.py (test_aux_loss.py)
+    no_aux = ESFTModule(family="glm4_moe", router_aux_loss_coef=0.5)
     no_aux.build_model()
     with pytest.raises(ValueError, match="computes no router aux loss"):
         no_aux._loss(batch(), training=True)

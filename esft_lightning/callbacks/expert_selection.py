@@ -20,7 +20,7 @@ from esft_lightning.files import atomic_write_text
 from esft_lightning.models import find_moe_model
 from esft_lightning.placement import Placement
 from esft_lightning.plots import routing_heatmap
-from esft_lightning.routing import RoutingProfile
+from esft_lightning.routing import RoutingProfile, ScoreAveraging
 from esft_lightning.selection import ExpertConfig
 from esft_lightning.selection_spec import (
     Decision,
@@ -81,6 +81,10 @@ class ExpertSelectionCallback(L.Callback):
             an explicit ``expert_config`` that trains an excluded expert is an error.
         exclude_strict: when a layer cannot reach ``top_p`` without excluded experts: raise (default, naming the
             layer and the score reached) or, if false, keep the experts left and warn.
+        score_averaging: how profiling averages the scores over the task's tokens: ``sequence`` (default: per
+            sequence, then over sequences, the paper's Eq. 6-7) or ``pooled`` (over all tokens at once, which is
+            what ESFT's released expert configs were made from). Recorded in ``expert_scores.json``,
+            ``expert_cfg.json`` and the checkpoint.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class ExpertSelectionCallback(L.Callback):
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         exclude: list[str] | None = None,
         exclude_strict: bool = True,
+        score_averaging: ScoreAveraging = "sequence",
     ) -> None:
         self.spec = SelectionSpec(
             score_function=score_function,
@@ -118,6 +123,7 @@ class ExpertSelectionCallback(L.Callback):
             placement=placement,
             exclude=exclude,
             exclude_strict=exclude_strict,
+            score_averaging=score_averaging,
         )
         self.profile_batch_size, self.model_attr, self.profile_template = (
             profile_batch_size,
