@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -21,8 +22,11 @@ from .experts_forward import TRAINED_PREFIX, expert_param_names
 from .files import atomic_write_dir
 from .models import find_moe_layers
 from .models.loading import load_model
-from .quantized import read_quantization
+from .quantized import read_quantization, transposed_parameters
+from .quantized_export import write_in_base_format
 from .selection import CONFIG_FILE, ExpertConfig
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "adapter.safetensors"  # beside selection.CONFIG_FILE, the expert config
 # ESFT's released adapters (DeepSeek-V2-Lite remote code): one tensor per expert and projection.
@@ -197,6 +201,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> ExpertConfig
 
 
 OverlapPolicy = Literal["refuse", "first", "average"]
+MergeFormat = Literal["bf16", "original"]
 
 
 @torch.no_grad()
@@ -259,23 +264,31 @@ def merge_adapter(
     out_dir: str,
     trust_remote_code: bool = False,
     overlap: OverlapPolicy = "refuse",
+    format: MergeFormat = "bf16",
 ) -> Path:
     """Base model directory + one or more adapters -> a standard ``save_pretrained`` directory (with tokenizer).
 
-    A quantized base (block FP8, MXFP4) is dequantized while it loads, like every other load path, and the merged
-    model is written in the base's unquantized dtype (``torch_dtype``, e.g. bf16) without a quantization config.
+    A quantized base (block FP8, MXFP4) is dequantized while it loads, like every other load path. ``format``:
+    ``bf16`` writes the merged model in bfloat16 without a quantization config; ``original`` writes the base's own
+    format (``quantized_export.write_in_base_format``: untouched tensors keep the base's bytes, trained ones are
+    re-quantized in the same blocks; the error is logged). A plain base is written in its own dtype either way.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if read_quantization(base_dir) is not None:
+    if format not in ("bf16", "original"):
+        raise ValueError(f"format must be 'bf16' or 'original', got {format!r}")
+    quantized = read_quantization(base_dir) is not None
+    if quantized:
         config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+        dtype = (getattr(config, "dtype", None) or torch.bfloat16) if format == "original" else torch.bfloat16
         model = load_model(base_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code, dtype="auto")
     load_adapters(model, [adapter_dir] if isinstance(adapter_dir, (str, os.PathLike)) else list(adapter_dir), overlap)
     out = Path(out_dir)
     model.save_pretrained(out)
+    if quantized and format == "original":
+        log.info(f"{out}: {write_in_base_format(out, base_dir, transposed_parameters(model)).describe()}")
     try:
         AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code).save_pretrained(out)
     except (OSError, ValueError):

@@ -37,6 +37,7 @@ __all__ = [
     "quantize_fp8_blocks",
     "quantize_mxfp4",
     "read_quantization",
+    "transposed_parameters",
 ]
 
 FP8_SCALE_SUFFIX = "_scale_inv"
@@ -186,6 +187,17 @@ def quantize_mxfp4(weight_EOI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     codes = (scaled.unsqueeze(-1) - lut).abs().argmin(-1).to(torch.uint8)  # nearest representable value
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return blocks, (exponent + 127).to(torch.uint8)
+
+
+def transposed_parameters(model: torch.nn.Module) -> set[str]:
+    """Parameters of experts modules that keep ``[E, in, out]`` (``is_transposed``): MXFP4 files store
+    ``[E, out, in]``, and for a square projection the shapes alone cannot tell."""
+    return {
+        f"{module_name}.{leaf}" if module_name else leaf
+        for module_name, module in model.named_modules()
+        if getattr(module, "is_transposed", False)
+        for leaf, _ in module.named_parameters(recurse=False)
+    }
 
 
 def quantized_tensor_names(keys: list[str], scheme: QuantizationScheme | None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from .quantized import (
     dequantize_mxfp4,
     quantized_tensor_names,
     read_quantization,
+    transposed_parameters,
 )
 
 __all__ = ["RowsSpec", "SafetensorsFile", "UnusedWeightsError", "WeightFiles", "has_safetensors"]
@@ -149,12 +150,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
                     f"{self.directory}/{file}: {key} is stored in FP8 without a `{key}_scale_inv` scale (or the "
                     "config.json has no fp8 quantization_config): its raw values are not the weights"
                 )
-        self._transposed = {
-            f"{module_name}.{leaf}" if module_name else leaf
-            for module_name, module in model.named_modules()
-            if getattr(module, "is_transposed", False)
-            for leaf, _ in module.named_parameters(recurse=False)
-        }
+        self._transposed = transposed_parameters(model)
         return out
 
     def _read_key(self, file: str, key: str, rows: RowsSpec = None) -> torch.Tensor:

@@ -339,3 +339,50 @@ def test_two_rank_fit_from_quantized_files_trains_the_dequantized_model(tmp_path
     again = load_model(str(out), dtype="float32").state_dict()
     for key, value in got.items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("make", [fp8_checkpoint, mxfp4_checkpoint], ids=["deepseek_v3-fp8", "gpt_oss-mxfp4"])
+def test_merge_writes_bf16_or_the_base_format_with_only_the_trained_experts_requantized(tmp_path, make, request):
+    from esft_lightning.adapters import merge_adapter, save_adapter
+    from esft_lightning.experts import apply_expert_config
+    from esft_lightning.selection import ExpertConfig
+
+    path = make(tmp_path / "model")
+    model = load_model(str(path), dtype="float32")
+    apply_expert_config(model, ExpertConfig(SELECTIONS[request.node.callspec.id]), torch.float32)
+    with torch.no_grad():  # "training": the selected experts move
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * param.abs().mean())
+    save_adapter(model, tmp_path / "adapter")
+    trained = model.state_dict()  # the merged values, under the model's own names
+
+    bf16 = merge_adapter(str(path), str(tmp_path / "adapter"), str(tmp_path / "bf16"), format="bf16")
+    config = json.loads((bf16 / "config.json").read_text())
+    assert "quantization_config" not in config
+    stored = {k: v for f in bf16.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert all(v.dtype == torch.bfloat16 for k, v in stored.items() if "proj" in k), {
+        k: v.dtype for k, v in stored.items() if v.dtype != torch.bfloat16
+    }
+    loaded = load_model(str(bf16), dtype="bfloat16")
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, trained[key].to(value.dtype), rtol=0, atol=0, msg=key)  # (fp32 router)
+
+    original = merge_adapter(str(path), str(tmp_path / "adapter"), str(tmp_path / "original"), format="original")
+    config = json.loads((original / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((path / "config.json").read_text())["quantization_config"]
+    base = {k: v for f in path.glob("*.safetensors") for k, v in load_file(f).items()}
+    written = {k: v for f in original.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert written.keys() == base.keys()  # the same stored tensors, scales included
+    changed = sorted(k for k in base if not torch.equal(base[k].view(torch.uint8), written[k].view(torch.uint8)))
+    assert changed and all(".experts." in k for k in changed), changed  # only routed experts were re-quantized
+    again = load_model(str(original), dtype="float32")  # loads like the base; the trained experts within rounding
+    for key, value in again.state_dict().items():
+        scale = trained[key].abs().max().item() or 1.0
+        # Rounding of one value, relative to its tensor's largest: e4m3 keeps 3 mantissa bits (1/16); e2m1's top
+        # step is 2 of a group scaled to a largest value of 3 to 6 (up to 1/3 of the group's largest).
+        tolerance = 1 / 16 if "fp8" in request.node.callspec.id else 1 / 3
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=tolerance * scale, msg=key)
+    reference = load_model(f"{path}-plain", dtype="float32").state_dict()
+    untouched = [k for k, v in trained.items() if torch.equal(v, reference[k])]
+    assert untouched and all(torch.equal(again.state_dict()[k], reference[k]) for k in untouched)
