@@ -30,7 +30,24 @@ __all__ = [
 if TYPE_CHECKING:
     import lightning as L
 
+COMMANDS = {
+    "fit": "profile routing, select experts and train only them (LightningCLI: --config, --print_config)",
+    "validate": "validation loss per source of a model or checkpoint (esft fit's arguments)",
+    "test": "test loss and perplexity on the validation sequences or data.test files (esft fit's arguments)",
+    "predict": "Lightning's predict loop over the datamodule (esft fit's arguments)",
+    "plan": "memory per GPU of `esft fit` with the same arguments, from config.json alone, before renting GPUs",
+    "profile": "routing scores of the task data (ESFT's expert_scores layout), or scores from ESFT's routing logs",
+    "select": "an expert config (expert_cfg.json) from profiling, a scores file or ESFT's logs; --joint: disjoint",
+    "merge": "a base model plus one or more adapters -> a plain transformers directory",
+    "eval": "generation metrics (exact match, chrF, BLEU, ROUGE-L) of a model, with or without adapters",
+}
+"""Every `esft` command and its purpose, as `esft --help` lists them."""
 TOOLS = ("profile", "select", "merge", "eval", "plan")
+"""The commands that are not LightningCLI subcommands."""
+FIT_ARGUMENTS = (
+    "takes `esft fit`'s arguments as well (--config, --model.*, --data.*, --trainer.*, callbacks); "
+    "see `esft fit --help`"
+)
 
 
 class ESFTCLI(LightningCLI):
@@ -127,7 +144,9 @@ def _tool_main(command: str, argv: list[str]) -> None:
         if wants_file_command(argv):  # ESFT's routing logs or a scores file: no model, no config
             (profile_logs_main if command == "profile" else select_from_files_main)(argv)
             return
-    parser = argparse.ArgumentParser(prog=f"esft {command}")
+    purpose = COMMANDS[command][0].upper() + COMMANDS[command][1:]
+    shared = "shares no arguments with `esft fit`" if command == "merge" else FIT_ARGUMENTS
+    parser = argparse.ArgumentParser(prog=f"esft {command}", description=f"{purpose}. It {shared}.")
     if command == "merge":
         parser.add_argument("--base", required=True, help="base model directory (save_pretrained layout)")
         parser.add_argument(
@@ -248,11 +267,26 @@ def configured_spec(trainer: L.Trainer, overrides: dict) -> tuple[SelectionSpec,
     return spec, None if found is None else found.profile_batch_size
 
 
+def commands_help() -> str:
+    """What `esft`, `esft --help` and an unknown command print: every command with its purpose."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: esft COMMAND [ARGUMENTS]", "", "Expert-Specialized Fine-Tuning of MoE language models.", ""]
+    lines += ["commands:", *(f"  {name:{width}s}  {purpose}" for name, purpose in COMMANDS.items())]
+    lines += ["", "`esft COMMAND --help` lists a command's arguments."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `esft` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in TOOLS:
+    if not args or args[0] in ("-h", "--help"):
+        print(commands_help())
+        return
+    if args[0] in TOOLS:
         _tool_main(args[0], args[1:])
+    elif not args[0].startswith("-") and args[0] not in COMMANDS:
+        print(f"esft: unknown command {args[0]!r}\n\n{commands_help()}", file=sys.stderr)
+        raise SystemExit(2)
     else:
         make_cli(argv)
 

@@ -58,7 +58,9 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
 
 def eval_main(argv: list[str]) -> dict:
     """Parse ``argv``, evaluate, print one line per set, write ``--out`` (scores and predictions) if given."""
-    parser = argparse.ArgumentParser(prog="esft eval", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="esft eval", description=f"{__doc__.strip()} It shares no arguments with `esft fit`; its own:"
+    )
     parser.add_argument("--model", default="embedded", help="model directory, or 'embedded' (default)")
     parser.add_argument("--adapter", default=None, help="ESFT adapter directory applied to the model first")
     parser.add_argument(

@@ -20,7 +20,10 @@ def plan_main(argv: list[str]) -> None:
     from .cli import parse_config
 
     parser = argparse.ArgumentParser(
-        prog="esft plan", description="Memory per GPU of `esft fit` with the same arguments, from config.json alone."
+        prog="esft plan",
+        description="Memory per GPU of `esft fit` with the same arguments, from config.json alone. It takes "
+        "`esft fit`'s arguments (--config, --model.*, --data.*, --trainer.*, callbacks, --plan.*); see `esft fit "
+        "--help`. Its own options:",
     )
     parser.add_argument("--expert_config", default=None, help="an expert_cfg.json: exact trainable sizes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -3,6 +3,7 @@
 import csv
 import logging
 import os
+import re
 from pathlib import Path
 
 import lightning as L
@@ -303,3 +304,32 @@ def test_score_functions_and_baselines_through_the_callback(score_function, tmp_
     if score_function == "random":
         token = select_experts(callback.profile.token_scores, 0.2).experts
         assert {k: len(v) for k, v in experts.items()} == {k: len(v) for k, v in token.items()}
+
+
+def test_esft_help_lists_every_command_and_an_unknown_one_gets_the_list(capsys):
+    from esft_lightning.cli import COMMANDS, TOOLS, main
+
+    main(["--help"])
+    listed = capsys.readouterr().out
+    for name in ("fit", "validate", "test", *TOOLS):
+        assert re.search(rf"^  {name}\s+\S", listed, re.MULTILINE), name  # every command, with its purpose
+    assert set(TOOLS) <= set(COMMANDS)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["families"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'families'" in err and all(f"  {name} " in err for name in COMMANDS)
+
+
+@pytest.mark.parametrize("command", ["plan", "profile", "select", "merge", "eval"])
+def test_each_command_help_says_what_it_shares_with_esft_fit(command, capsys):
+    from esft_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    if command in ("merge", "eval"):
+        assert "shares no arguments with `esft fit`" in text
+    else:
+        assert "`esft fit`'s arguments" in text and "--config" in text
