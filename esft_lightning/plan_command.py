@@ -35,8 +35,16 @@ def plan_main(argv: list[str]) -> None:
         from .selection import ExpertConfig
 
         request.expert_config = ExpertConfig.load(ns.expert_config)
-    plan = plan_memory(build_meta_model(**load_args), request)
-    print(json.dumps(plan.to_dict(), indent=1) if ns.json else format_plan(plan))
+    from .models.loading import resolve_model_path
+    from .stored_weights import stored_weights
+
+    model = build_meta_model(**load_args)
+    storage = stored_weights(resolve_model_path(load_args["model"], load_args["family"]), model)  # before selection
+    plan = plan_memory(model, request)
+    if ns.json:
+        print(json.dumps({**plan.to_dict(), "checkpoint": storage.to_dict()}, indent=1))
+    else:
+        print(f"{format_plan(plan)}\n{storage.describe()}")
 
 
 def plan_inputs(config: Any, trainer: L.Trainer | None = None, module: Any = None) -> tuple[dict, Any]:

@@ -160,19 +160,13 @@ def quantize_fp8_blocks(weight_OI: torch.Tensor, block_size: tuple[int, int]) ->
     """A 2D weight -> (``float8_e4m3fn`` weight, float32 ``scale_inv`` per block), each block's max at 448."""
     block_rows, block_cols = block_size
     rows, cols = weight_OI.shape
-    grid = (math.ceil(rows / block_rows), math.ceil(cols / block_cols))
-    scale = torch.empty(grid, dtype=torch.float32)
-    quantized = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    w = weight_OI.to(torch.float32)
-    for i in range(grid[0]):
-        for j in range(grid[1]):
-            block = w[i * block_rows : (i + 1) * block_rows, j * block_cols : (j + 1) * block_cols]
-            s = block.abs().max().clamp(min=1e-12) / _FP8_MAX
-            scale[i, j] = s
-            quantized[i * block_rows : (i + 1) * block_rows, j * block_cols : (j + 1) * block_cols] = (block / s).to(
-                torch.float8_e4m3fn
-            )
-    return quantized, scale
+    grid_rows, grid_cols = math.ceil(rows / block_rows), math.ceil(cols / block_cols)
+    padded = torch.zeros(grid_rows * block_rows, grid_cols * block_cols, dtype=torch.float32)  # zeros: no new max
+    padded[:rows, :cols] = weight_OI
+    blocks = padded.view(grid_rows, block_rows, grid_cols, block_cols)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / _FP8_MAX
+    quantized = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view_as(padded)[:rows, :cols]
+    return quantized.contiguous(), scale
 
 
 def quantize_mxfp4(weight_EOI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

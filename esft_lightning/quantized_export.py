@@ -4,12 +4,15 @@ ones are re-quantized in the same blocks, so serving engines load it as they loa
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .models import find_moe_layers
+from .models.loading import load_model
 from .quantized import (
     dequantize_fp8_rows,
     dequantize_mxfp4,
@@ -20,7 +23,7 @@ from .quantized import (
 )
 from .weight_files import SafetensorsFile
 
-__all__ = ["RequantizationReport", "write_in_base_format"]
+__all__ = ["RequantizationReport", "write_fp8_checkpoint", "write_in_base_format"]
 
 
 @dataclass
@@ -113,3 +116,37 @@ def write_in_base_format(out_dir: str | Path, base_dir: str | Path, transposed: 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     scale = want.abs().max().item() or 1.0
     return (got.float() - want.float()).abs().max().item() / scale
+
+
+def write_fp8_checkpoint(src_dir: str | Path, dst_dir: str | Path, block_size: tuple[int, int] = (128, 128)) -> int:
+    """Write the plain checkpoint ``src_dir`` as DeepSeek-V3 ships: every 2D weight of the decoder layers but the
+    routers in block FP8 with ``weight_scale_inv``, the rest as stored (benchmarks, the GPU check). Returns the
+    number of tensors quantized."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    meta = load_model(str(src), on_meta=True)
+    routers = {
+        f"{name}.{leaf}"
+        for layer in find_moe_layers(meta)
+        if layer.router is not None
+        for name, module in meta.named_modules()
+        if module is layer.router
+        for leaf, _ in module.named_parameters(recurse=False)
+    }
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    weight_map, quantized = {}, 0
+    for file in sorted(src.glob("*.safetensors")):
+        written = {}
+        for key, value in load_file(file).items():
+            if ".layers." in key and key.endswith(".weight") and value.dim() == 2 and key not in routers:
+                written[key], written[key + "_scale_inv"] = quantize_fp8_blocks(value, block_size)
+                quantized += 1
+            else:
+                written[key] = value
+        save_file(written, dst / file.name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(written, file.name))
+    if (src / "model.safetensors.index.json").exists():
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block_size)}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return quantized

@@ -242,6 +242,10 @@ class SafetensorsFile:
     def dtype_name(self, key: str) -> str:
         return str(self._header[key]["dtype"])
 
+    def data_bytes(self) -> int:
+        """Bytes of all tensors stored in the file (the header excluded)."""
+        return sum(end - start for start, end in (entry["data_offsets"] for entry in self._header.values()))
+
     def read(self, key: str, rows: RowsSpec = None) -> torch.Tensor:
         """Tensor ``key``, or only ``rows`` of its dim 0, in the stored dtype."""
         entry = self._header[key]

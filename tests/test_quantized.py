@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,30 @@ def test_merge_writes_bf16_or_the_base_format_with_only_the_trained_experts_requ
     reference = load_model(f"{path}-plain", dtype="float32").state_dict()
     untouched = [k for k, v in trained.items() if torch.equal(v, reference[k])]
     assert untouched and all(torch.equal(again.state_dict()[k], reference[k]) for k in untouched)
+
+
+@pytest.mark.parametrize("make", [fp8_checkpoint, mxfp4_checkpoint], ids=["deepseek_v3-fp8", "gpt_oss-mxfp4"])
+def test_plan_says_what_the_files_hold_and_what_training_holds(tmp_path, make, capsys):
+    import shutil
+
+    from esft_lightning.cli import main
+    from esft_lightning.stored_weights import stored_weights
+
+    from .test_cli import quick_config
+
+    path = make(tmp_path / "model")
+    meta = load_model(str(path), dtype="float32", on_meta=True)
+    exact = stored_weights(path, meta)
+    on_disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    assert exact.exact and 0.9 * on_disk < exact.file_bytes < on_disk  # the JSON headers are the rest
+    assert exact.memory_bytes == sum(p.numel() * 4 for p in meta.parameters()) > 1.5 * exact.file_bytes
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(path / "config.json", config_only / "config.json")
+    estimate = stored_weights(config_only, meta)  # the published configs' case: no weights at hand
+    assert not estimate.exact and abs(estimate.file_bytes - exact.file_bytes) < 0.1 * exact.file_bytes
+
+    main(["plan", "--config", str(quick_config(tmp_path / "cfg")), "--model.model", str(path)])
+    printed = capsys.readouterr().out
+    assert re.search(r"checkpoint: (block FP8 \(e4m3, 24x20 blocks\)|MXFP4 .*), [\d.]+ GiB in the files", printed)
+    assert "training holds the weights in float32" in printed
