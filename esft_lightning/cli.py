@@ -7,11 +7,10 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from lightning.pytorch.cli import LightningCLI
+from typing import TYPE_CHECKING
 
 from .data import ESFTDataModule
+from .fit_config import FitArgumentsCLI, parse_config
 from .module import ESFTModule
 from .plan_command import MemoryPlanError, check_memory_plan, plan_inputs, plan_main
 from .run_paths import derive_output_paths, resolve_ckpt_path
@@ -50,14 +49,9 @@ FIT_ARGUMENTS = (
 )
 
 
-class ESFTCLI(LightningCLI):
+class ESFTCLI(FitArgumentsCLI):
     """LightningCLI over ESFTModule / ESFTDataModule; resumes reuse the checkpoint's expert selection; `fit` checks
     the memory plan (``--plan.*``) before anything is loaded."""
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        from .planning import PlanOptions
-
-        parser.add_class_arguments(PlanOptions, "plan", instantiate=False)
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -103,25 +97,6 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> ESFTCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
-
-
-class _ParsedCLI(ESFTCLI):
-    """The parsed config of `esft fit|...` (defaults, files, overrides) with nothing instantiated: no Trainer for N
-    GPUs on a machine without them, no tokenizer, no model."""
-
-    def before_instantiate_classes(self) -> None:
-        pass
-
-    def instantiate_classes(self) -> None:
-        pass
-
-    def after_instantiate_classes(self) -> None:
-        pass
-
-
-def parse_config(args: list[str]) -> Any:
-    """`esft fit`'s configuration (a jsonargparse Namespace: trainer, model, data, plan) parsed, not instantiated."""
-    return _ParsedCLI(ESFTModule, ESFTDataModule, args=args, run=False, parser_kwargs={"default_env": False}).config
 
 
 def _tool_main(command: str, argv: list[str]) -> None:

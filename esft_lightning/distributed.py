@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from .dtensors import full_on_host, local_shard  # noqa: F401 (full_on_host re-exported from its old home)
 from .models.discovery import decoder_layers
 from .weight_files import WeightFiles
 
@@ -298,20 +299,6 @@ def allow_unused_experts_under_ddp(strategy: Strategy) -> None:
         "ESFT: DDP runs with find_unused_parameters=True (a selected expert may get no token in a micro-batch). "
         "DDP keeps a full model copy per GPU: for large models use configs/fsdp.yaml (FSDP2) instead."
     )
-
-
-def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a sharded (FSDP2 DTensor) tensor; a plain tensor as it is."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def full_on_host(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
-    """The whole tensor in host memory, gathering a sharded (FSDP2 DTensor) one first (a collective: every rank
-    must call it). ``copy``: a new tensor even when ``t`` already is a plain CPU tensor."""
-    t = t.detach()
-    if isinstance(t, DTensor):
-        return t.full_tensor().cpu()
-    return t.to("cpu", copy=copy)
 
 
 def clip_grad_norm_across_ranks(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:

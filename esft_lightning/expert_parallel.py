@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .experts import _install_split, _use_esft_implementation, remove_expert_split
-from .experts_forward import TRAINED_PREFIX, expert_param_names, has_split
+from .dtensors import full_on_host
+from .experts import install_split, remove_expert_split, use_esft_implementation
+from .experts_forward import DISPATCH_ATTR, TRAINED_PREFIX, expert_param_names, has_split
+from .fp8_experts import SCALE_SUFFIX, dequantize_experts, is_fp8_frozen
 from .models import find_moe_layers
 
 __all__ = [
@@ -70,11 +72,13 @@ def localize_experts(model: nn.Module, mesh: Any) -> int:
     group, size, rank = mesh["ep"].get_group(), mesh["ep"].size(), mesh["ep"].get_local_rank()
     config = getattr(model, "esft_expert_config", None)
     layers = find_moe_layers(model)
-    dtypes = {}
+    dtypes, frozen_fp8 = {}, set()
     for layer in layers:
         experts = layer.experts
         if has_split(experts):
             dtypes[layer.index] = getattr(experts, TRAINED_PREFIX + expert_param_names(experts)[0]).dtype
+        if is_fp8_frozen(experts, expert_param_names(experts)[0]):
+            frozen_fp8.add(layer.index)
     remove_expert_split(model)  # back to fused tensors only (folds nothing new on a fresh model)
     for layer in layers:
         experts, total = layer.experts, layer.num_experts
@@ -95,11 +99,12 @@ def localize_experts(model: nn.Module, mesh: Any) -> int:
         if layer.index in dtypes:
             # Even with none of the layer's selected experts here: a zero-row trainable copy keeps every rank's
             # optimizer and parameter structure the same (an owner of frozen experts only still has parameters).
-            _install_split(experts, mine, dtypes[layer.index])
+            install_split(experts, mine, dtypes[layer.index], frozen_fp8=layer.index in frozen_fp8)
         experts.esft_expert_shard = ExpertShard(group, rank, size, total, first, count, selected)
+        setattr(experts, DISPATCH_ATTR, dispatch_combine)  # the esft forward sends pairs through it
     if config is not None:
         model.esft_expert_config = config  # (remove_expert_split dropped it with the global copies)
-    _use_esft_implementation(model)  # the esft forward sends pairs to their owners when a module is localized
+    use_esft_implementation(model)  # the esft forward sends pairs to their owners when a module is localized
     return len(layers)
 
 
@@ -244,14 +249,15 @@ def merged_expert_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every expert-parallel fused tensor of ``model`` whole, trained rows merged in, keyed by its name: what a
     merged ``save_pretrained`` writes in place of each rank's own rows. A collective (every rank calls it);
     CPU tensors."""
-    from .distributed import full_on_host
-
     out = {}
     for module_name, module in model.named_modules():
         if getattr(module, "esft_expert_shard", None) is None:
             continue
         for name in expert_param_names(module):
             rows = full_on_host(getattr(module, name), copy=True)
+            if is_fp8_frozen(module, name):  # 8-bit frozen experts: merged in the model's own dtype
+                scale = full_on_host(getattr(module, name + SCALE_SUFFIX))
+                rows = dequantize_experts(rows, scale, module._esft_frozen_dtype)
             trained = getattr(module, TRAINED_PREFIX + name, None)
             if trained is not None:
                 rows[module.esft_expert_ids.cpu()] = full_on_host(trained).to(rows.dtype)

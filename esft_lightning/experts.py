@@ -11,18 +11,31 @@ selection, frozen experts get no weight-gradient work, and no per-step copy of t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from .distributed import full_on_host
+from .dtensors import full_on_host
 from .experts_forward import ESFT_IMPLEMENTATION, TRAINED_PREFIX, expert_param_names, has_split
+from .fp8_experts import FP8_EXPERT_BLOCK, SCALE_SUFFIX, dequantize_experts, is_fp8_frozen, quantize_experts
 from .models import MoELayer, UnsupportedModelError, find_moe_layers, is_experts_module
 from .selection import ExpertConfig
 
-"""The per-expert tensors of the common (gated, bias-free) layout; see ``expert_param_names`` for any layout."""
-__all__ = ["apply_expert_config", "remove_expert_split", "trainable_summary", "validate_expert_config", "has_split"]
+FP8 = torch.float8_e4m3fn
+"""The storage dtype of 8-bit frozen experts (``apply_expert_config(frozen_dtype=FP8)``)."""
+
+__all__ = [
+    "FP8",
+    "apply_expert_config",
+    "has_split",
+    "install_split",
+    "remove_expert_split",
+    "trainable_summary",
+    "use_esft_implementation",
+    "validate_expert_config",
+]
 
 
 def validate_expert_config(layers: list[MoELayer], config: ExpertConfig) -> None:
@@ -43,7 +56,10 @@ def validate_expert_config(layers: list[MoELayer], config: ExpertConfig) -> None
 
 
 def apply_expert_config(
-    model: nn.Module, config: ExpertConfig, trainable_dtype: torch.dtype | None = None
+    model: nn.Module,
+    config: ExpertConfig,
+    trainable_dtype: torch.dtype | None = None,
+    frozen_dtype: torch.dtype | None = None,
 ) -> dict[str, int]:
     """Freeze ``model`` except the experts ``config`` selects (and shared / non-expert modules if asked).
 
@@ -52,8 +68,12 @@ def apply_expert_config(
     Applying again first folds the previous selection's trained values back into the fused tensors.
     ``trainable_dtype`` (e.g. ``torch.float32`` for a bf16 model) keeps the selected experts' trainable
     copies, and so their gradients and AdamW state, in that dtype: small lr updates are not rounded away.
+    ``frozen_dtype=torch.float8_e4m3fn`` keeps every layer's frozen routed experts in block FP8 (``fp8_experts``):
+    half the bytes of bf16, dequantized expert by expert as the forward uses them.
     Returns counts: trainable / total parameters and selected experts.
     """
+    if frozen_dtype not in (None, FP8):
+        raise ValueError(f"frozen_dtype must be None (the model's) or torch.float8_e4m3fn, got {frozen_dtype}")
     layers = find_moe_layers(model)
     validate_expert_config(layers, config)
     if stored_expert_dtypes(layers) == {trainable_dtype}:
@@ -79,11 +99,11 @@ def apply_expert_config(
         if every_expert and trainable_dtype in (None, fused_dtype):
             for name in names:  # every expert trains: the fused tensors themselves are the trainables
                 getattr(layer.experts, name).requires_grad_(True)
-        elif ids:
-            _install_split(layer.experts, ids, trainable_dtype)
+        elif ids or frozen_dtype is not None:  # (8-bit frozen experts need the esft forward in every layer)
+            install_split(layer.experts, ids, trainable_dtype, frozen_fp8=frozen_dtype is not None)
             split = True
     if split:
-        _use_esft_implementation(model)
+        use_esft_implementation(model)
     if config.shared_experts:
         for layer in layers:
             for module in layer.shared:
@@ -152,7 +172,7 @@ def _experts_configs(model: nn.Module) -> list[Any]:
     return list(configs.values())
 
 
-def _use_esft_implementation(model: nn.Module) -> None:
+def use_esft_implementation(model: nn.Module) -> None:
     """Dispatch every experts module of ``model`` to the ``esft`` implementation, remembering each one's own."""
     for module in model.modules():
         if is_experts_module(module) and module.config._experts_implementation != ESFT_IMPLEMENTATION:
@@ -168,7 +188,12 @@ def _restore_implementation(model: nn.Module) -> None:
             module.config._experts_implementation = base
 
 
-def _install_split(experts: nn.Module, ids: list[int], dtype: torch.dtype | None = None) -> None:
+def install_split(
+    experts: nn.Module, ids: list[int], dtype: torch.dtype | None = None, frozen_fp8: bool = False
+) -> None:
+    """Give ``experts`` trainable ``esft_*`` copies of experts ``ids`` (in ``dtype``, default the fused tensors'),
+    the slot maps the esft forward uses, and state-dict hooks that show the model's own keys; ``frozen_fp8``: the
+    fused weight tensors become block FP8 with ``<name>_scale_inv`` scales (biases stay as they are)."""
     names = expert_param_names(experts)
     device = getattr(experts, names[0]).device
     if device.type == "meta":  # a model filled from its files later: the slot maps are needed for real
@@ -189,6 +214,8 @@ def _install_split(experts: nn.Module, ids: list[int], dtype: torch.dtype | None
         full = getattr(experts, name)
         trained = full.detach()[index].to(dtype or full.dtype, copy=True)
         experts.register_parameter(TRAINED_PREFIX + name, nn.Parameter(trained))
+    if frozen_fp8:
+        _store_frozen_fp8(experts, names[:2])
     experts._esft_slots = slots
     experts._esft_hooks = [
         experts.register_state_dict_post_hook(_state_dict_with_trained_rows),
@@ -203,10 +230,16 @@ def remove_expert_split(model: nn.Module) -> None:
             continue
         with torch.no_grad():
             for name in expert_param_names(module):
+                if is_fp8_frozen(module, name):  # back to the model's dtype before the trained rows fold in
+                    scale = getattr(module, name + SCALE_SUFFIX)
+                    full = dequantize_experts(getattr(module, name), scale, module._esft_frozen_dtype)
+                    delattr(module, name + SCALE_SUFFIX)
+                    setattr(module, name, nn.Parameter(full, requires_grad=False))
                 getattr(module, name)[module.esft_expert_ids] = getattr(module, TRAINED_PREFIX + name).to(
                     getattr(module, name).dtype
                 )
                 delattr(module, TRAINED_PREFIX + name)
+        vars(module).pop("_esft_frozen_dtype", None)
         for handle in module._esft_hooks:
             handle.remove()
         for attr in ("esft_expert_ids", "esft_slot_of_expert", "esft_group_of_expert", "_esft_slots", "_esft_hooks"):
@@ -224,6 +257,9 @@ def _state_dict_with_trained_rows(module: nn.Module, state_dict: dict, prefix: s
         if trained is None or prefix + name not in state_dict:
             continue
         merged = full_on_host(state_dict[prefix + name], copy=True)
+        scale = state_dict.pop(prefix + name + SCALE_SUFFIX, None)
+        if scale is not None:  # 8-bit frozen experts: the model's own dtype in the state dict
+            merged = dequantize_experts(merged, full_on_host(scale), module._esft_frozen_dtype)
         merged[module.esft_expert_ids.cpu()] = full_on_host(trained, copy=False).to(merged.dtype)
         state_dict[prefix + name] = merged
 
@@ -234,6 +270,25 @@ def _load_trained_rows(module: nn.Module, state_dict: dict, prefix: str, *_args:
         full, trained = prefix + name, prefix + TRAINED_PREFIX + name
         if full in state_dict and trained not in state_dict:
             state_dict[trained] = state_dict[full][module.esft_expert_ids.to(state_dict[full].device)]
+        value = state_dict.get(full)
+        if value is not None and is_fp8_frozen(module, name) and value.dtype != FP8:  # the model's own dtype
+            state_dict[full], state_dict[full + SCALE_SUFFIX] = quantize_experts(value)
+
+
+def _store_frozen_fp8(experts: nn.Module, names: tuple[str, ...]) -> None:
+    """Replace the fused weight tensors by block-FP8 ones plus scales (on the meta device: shapes only, filled
+    from the files later)."""
+    experts._esft_frozen_dtype = getattr(experts, names[0]).dtype
+    for name in names:
+        full = getattr(experts, name)
+        if full.is_meta:
+            e, a, b = full.shape
+            grid = (e, math.ceil(a / FP8_EXPERT_BLOCK[0]), math.ceil(b / FP8_EXPERT_BLOCK[1]))
+            weight, scale = torch.empty(full.shape, dtype=FP8, device="meta"), torch.empty(grid, device="meta")
+        else:
+            weight, scale = quantize_experts(full.detach())
+        setattr(experts, name, nn.Parameter(weight, requires_grad=False))
+        experts.register_parameter(name + SCALE_SUFFIX, nn.Parameter(scale, requires_grad=False))
 
 
 def dtype_from_name(name: str | None) -> torch.dtype | None:

@@ -20,6 +20,8 @@ from packaging.version import Version
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from .fp8_experts import SCALE_SUFFIX, frozen_fp8_linear, is_fp8_frozen
+
 ESFT_IMPLEMENTATION = "esft"
 TRAINED_PREFIX = "esft_"
 
@@ -109,6 +111,14 @@ def base_forward(experts: nn.Module) -> Callable:
     return ALL_EXPERTS_FUNCTIONS[implementation]
 
 
+ExpertsForward = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(experts module, hidden_states [T, D], top_k_index [T, K], top_k_weights [T, K]) -> output [T, D]."""
+Dispatcher = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, ExpertsForward], torch.Tensor]
+"""Runs an ``ExpertsForward`` on the ranks that hold each pair's expert and returns every token's combined output:
+the peer of running it here. Expert parallelism installs one on an experts module (``DISPATCH_ATTR``)."""
+DISPATCH_ATTR = "esft_dispatch"
+
+
 def esft_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -118,10 +128,9 @@ def esft_experts_forward(
     our grouped path (no trained group) instead, whose backward is deterministic (see ``_rows``). (On CUDA both
     paths' index ops are atomic unless deterministic algorithms are on, and ours adds a host sync per layer.)
     """
-    if getattr(self, "esft_expert_shard", None) is not None:  # expert parallel: the pairs go to their owners
-        from .expert_parallel import dispatch_combine
-
-        return dispatch_combine(self, hidden_states, top_k_index, top_k_weights, _local_experts_forward)
+    dispatch = getattr(self, DISPATCH_ATTR, None)  # expert parallel installs one: the pairs go to their owners
+    if dispatch is not None:
+        return dispatch(self, hidden_states, top_k_index, top_k_weights, _local_experts_forward)
     return _local_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
@@ -134,6 +143,7 @@ def _local_experts_forward(
         return base_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     names = expert_param_names(self)[:2]
     weights = [getattr(self, n) for n in names] + ([getattr(self, TRAINED_PREFIX + n) for n in names] if split else [])
+    weights = [w for w in weights if w.dtype != torch.float8_e4m3fn]  # 8-bit frozen: dequantized to the inputs'
     if base != "eager" and can_use_grouped_mm(hidden_states, *weights):
         return _split_grouped(self, hidden_states, top_k_index, top_k_weights)
     if split:
@@ -213,13 +223,22 @@ def _split_grouped(
         if biases:  # per-pair bias rows: the expert (frozen part) or slot (trained part) each pair went to
             expert_of_pair = group[start:end] - first_group
             b_up, b_down = (_rows(getattr(self, prefix + n), expert_of_pair) for n in biases)
-        w_up, w_down = getattr(self, prefix + up), getattr(self, prefix + down)
-        h = _expert_output(self, _grouped_linear(_rows(hidden_TH, tokens), w_up, offsets, b_up, self.is_transposed))
-        y = _grouped_linear(h, w_down, offsets, b_down, self.is_transposed)
+        h = _expert_output(self, _project(self, prefix + up, _rows(hidden_TH, tokens), offsets, b_up))
+        y = _project(self, prefix + down, h, offsets, b_down)
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
         out.index_add_(0, tokens, (y * weights[start:end]).to(out.dtype))
     return out.to(hidden_TH.dtype)
+
+
+def _project(
+    self: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """One grouped projection through tensor ``name``: 8-bit frozen experts are dequantized chunk by chunk."""
+    if is_fp8_frozen(self, name):
+        y = frozen_fp8_linear(x, getattr(self, name), getattr(self, name + SCALE_SUFFIX), offsets, self.is_transposed)
+        return y if bias is None else y + bias
+    return _grouped_linear(x, getattr(self, name), offsets, bias, self.is_transposed)
 
 
 def _accumulator(hidden_TH: torch.Tensor) -> torch.Tensor:
@@ -242,10 +261,24 @@ def _split_eager(
         else:
             tensors = [getattr(self, n)[expert] for n in names]
         w_up, w_down, b_up, b_down = (*tensors, None, None) if len(tensors) == 2 else tensors
-        x = _rows(hidden_TH, token_idx).to(w_up.dtype)
-        h = _expert_output(self, _linear(x, w_up, b_up, self.is_transposed))
-        y = _linear(h, w_down, b_down, self.is_transposed)
+        if slot < 0 and w_up.dtype == torch.float8_e4m3fn:  # an 8-bit frozen expert: dequantized as it runs
+            x = _rows(hidden_TH, token_idx)
+            h = _expert_output(self, _frozen_fp8_expert(self, names[0], expert, x, b_up))
+            y = _frozen_fp8_expert(self, names[1], expert, h, b_down)
+        else:
+            x = _rows(hidden_TH, token_idx).to(w_up.dtype)
+            h = _expert_output(self, _linear(x, w_up, b_up, self.is_transposed))
+            y = _linear(h, w_down, b_down, self.is_transposed)
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
         out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
     return out.to(hidden_TH.dtype)
+
+
+def _frozen_fp8_expert(
+    self: nn.Module, name: str, expert: int, x: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    weight, scale = getattr(self, name)[expert : expert + 1], getattr(self, name + SCALE_SUFFIX)[expert : expert + 1]
+    ends = torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device)
+    y = frozen_fp8_linear(x, weight, scale, ends, self.is_transposed, grouped=False)
+    return y if bias is None else y + bias

@@ -30,7 +30,7 @@ from .experts import is_trained_copy, trainable_summary
 from .models.aux_loss import SequenceBalanceLoss, has_sequence_balance_loss
 from .models.loading import MODEL_ARGS, load_model, load_tokenizer, resolve_model_path
 from .selection import ExpertConfig
-from .selection_spec import restore, selection_entry
+from .selection_spec import frozen_experts_in_fp8, restore, selection_entry
 from .sharded_loading import on_meta
 from .sources import IGNORE_INDEX
 from .weight_files import WeightFiles, has_safetensors
@@ -174,6 +174,12 @@ class ESFTModule(L.LightningModule):
             )
         files = WeightFiles(self.model_path, model) if on_meta(model) and has_safetensors(self.model_path) else None
         rank0 = self.sharded_over_ranks and files is None and expert_mesh is None
+        if rank0 and frozen_experts_in_fp8(model):
+            raise ValueError(
+                "frozen_experts_dtype: float8 under FSDP2 has each rank read and quantize its own experts from the "
+                "model directory's safetensors files, and this model has none (a random initialisation or .bin "
+                "files): save it with save_pretrained first, or keep frozen_experts_dtype: model"
+            )
         read = shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=rank0, files=files, expert_mesh=expert_mesh)
         model._esft_sharded = True
         local = sum(local_shard(p).numel() * p.element_size() for p in model.parameters())

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
+from .fit_config import parse_config
 from .module import ESFTModule
 from .selection_spec import SelectionSpec
 
@@ -17,8 +18,6 @@ __all__ = ["MemoryPlanError", "check_memory_plan", "format_plan", "plan_inputs",
 
 def plan_main(argv: list[str]) -> None:
     """`esft plan [--expert_config F] [--json] <esft fit arguments>`."""
-    from .cli import parse_config
-
     parser = argparse.ArgumentParser(
         prog="esft plan",
         description="Memory per GPU of `esft fit` with the same arguments, from config.json alone. It takes "

@@ -7,14 +7,14 @@ The callback, the CLI and ``ESFTModule`` all call these; none of them holds its 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
-from .experts import apply_expert_config, dtype_from_name, stored_expert_dtypes, trained_copies_dtype
+from .experts import FP8, apply_expert_config, dtype_from_name, stored_expert_dtypes, trained_copies_dtype
 from .models import find_moe_layers
 from .placement import Placement, placed_for_profiling
 from .routing import RoutingProfile, ScoreAveraging, check_score_averaging, profile_routing
@@ -25,6 +25,7 @@ __all__ = [
 ]  # fmt: skip
 
 ScoreFunction = Literal["token", "gate", "all", "random", "none"]
+FrozenExpertsDtype = Literal["model", "float8"]
 SCORE_FUNCTIONS: tuple[str, ...] = get_args(ScoreFunction)
 PAPER_TOP_P = {"gate": 0.1, "token": 0.2}  # the paper's p for ESFT-Gate and ESFT-Token (random copies token)
 
@@ -48,6 +49,9 @@ class SelectionSpec:
     """Also train attention, norms, routers, embeddings and the LM head."""
     trainable_dtype: str | None = "auto"
     """dtype of the selected experts' trainable copies; ``auto``: float32 when the experts are stored in 16 bits."""
+    frozen_experts_dtype: FrozenExpertsDtype = "model"
+    """How the frozen routed experts are held: ``model`` (the model's dtype) or ``float8`` (block FP8, half the
+    bytes of bf16, dequantized as the forward uses them: ``fp8_experts``)."""
     seed: int = 0
     """Seed of the ``random`` baseline."""
     placement: Placement = "auto"
@@ -63,6 +67,8 @@ class SelectionSpec:
 
     def __post_init__(self) -> None:
         check_score_averaging(self.score_averaging)
+        if self.frozen_experts_dtype not in ("model", "float8"):
+            raise ValueError(f"frozen_experts_dtype must be model or float8, got {self.frozen_experts_dtype!r}")
         if self.score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"score_function must be one of {', '.join(SCORE_FUNCTIONS)}, got {self.score_function!r}")
         if isinstance(self.exclude, (str, Path)):  # one path given where a list is expected
@@ -184,8 +190,9 @@ def trainable_dtype(
 
 
 def apply(model: nn.Module, config: ExpertConfig, spec: SelectionSpec, saved_dtype: str | None = None) -> dict:
-    """``apply_expert_config`` with the spec's trainable dtype; returns the trainable summary."""
-    return apply_expert_config(model, config, trainable_dtype(model, config, spec, saved_dtype))
+    """``apply_expert_config`` with the spec's trainable and frozen dtypes; returns the trainable summary."""
+    frozen = FP8 if spec.frozen_experts_dtype == "float8" else None
+    return apply_expert_config(model, config, trainable_dtype(model, config, spec, saved_dtype), frozen)
 
 
 def restore(model: nn.Module, saved: dict | None, spec: SelectionSpec | None = None) -> ExpertConfig | None:
@@ -199,6 +206,8 @@ def restore(model: nn.Module, saved: dict | None, spec: SelectionSpec | None = N
     """
     spec = spec or SelectionSpec()
     saved = saved or {}
+    if saved.get("frozen_experts_dtype") == "float8":  # a run that kept its frozen experts 8-bit resumes so
+        spec = replace(spec, frozen_experts_dtype="float8")
     model_type = model.config.model_type
     if saved.get("model_type") not in (None, model_type):
         raise ValueError(f"checkpoint is for a {saved['model_type']} model, this run trains {model_type}")
@@ -246,7 +255,13 @@ def selection_entry(model: nn.Module, config: ExpertConfig) -> dict[str, Any]:
         "expert_config": config.to_dict(),
         "trainable_dtype": trained_copies_dtype(model),
         "score_averaging": config.meta.get("score_averaging"),
+        "frozen_experts_dtype": "float8" if frozen_experts_in_fp8(model) else "model",
     }
+
+
+def frozen_experts_in_fp8(model: nn.Module) -> bool:
+    """Whether the model holds its frozen routed experts in block FP8 (``frozen_experts_dtype: float8``)."""
+    return any(p.dtype == FP8 for p in model.parameters())
 
 
 def read_checkpoint_selection(ckpt_path: str | Path | None) -> dict | None:

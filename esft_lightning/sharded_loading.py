@@ -7,6 +7,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from .experts_forward import TRAINED_PREFIX
+from .fp8_experts import SCALE_SUFFIX, is_fp8_frozen, quantize_experts
 from .weight_files import RowsSpec, WeightFiles
 
 __all__ = ["fill_from_files", "load_persistent_buffers", "local_rows", "on_meta"]
@@ -49,6 +50,10 @@ def fill_from_files(model: nn.Module, files: WeightFiles, device: torch.device) 
     read = 0
     with torch.no_grad():
         for name, param in model.named_parameters():
+            module_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(module_name)
+            if leaf.endswith(SCALE_SUFFIX) and is_fp8_frozen(owner, leaf.removesuffix(SCALE_SUFFIX)):
+                continue  # filled with its 8-bit weight below
             source, rows = _source_rows(model, name, local_rows(param))
             local = param.to_local() if isinstance(param, DTensor) else param
             value = files.read(source, rows)
@@ -57,8 +62,12 @@ def fill_from_files(model: nn.Module, files: WeightFiles, device: torch.device) 
                     f"{files.directory}: {source} rows {rows} have shape {tuple(value.shape)}, this rank's part of "
                     f"{name} is {tuple(local.shape)} (is the directory the model's own?)"
                 )
-            local.copy_(value)
             read += value.numel() * value.element_size()
+            if is_fp8_frozen(owner, leaf):  # 8-bit frozen experts: this rank's rows quantized as they arrive
+                value, scale = quantize_experts(value)
+                scale_param = getattr(owner, leaf + SCALE_SUFFIX)
+                (scale_param.to_local() if isinstance(scale_param, DTensor) else scale_param).copy_(scale)
+            local.copy_(value)
         load_persistent_buffers(model, files)
     return read
 
