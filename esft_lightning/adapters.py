@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .distributed import full_on_host
+from .dtensors import full_on_host
 from .expert_parallel import gather_expert_rows
 from .experts import remove_expert_split, validate_expert_config
 from .experts_forward import TRAINED_PREFIX, expert_param_names
