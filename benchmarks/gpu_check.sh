@@ -7,6 +7,9 @@
 #     the GPU, broadcast into shards), then the same single-device;
 # (c) runs benchmarks/gpu.py (ESFT vs full fine-tuning tokens/s and peak memory, same model and batch, each next to
 #     the memory plan: esft_lightning.planning total vs torch.cuda.max_memory_allocated);
+# (d) writes the same model as DeepSeek-V3 ships it (block FP8, 128x128 blocks, weight_scale_inv) and runs the
+#     single-device fit from that directory (dequantized while loading; frozen experts are held in bf16: keeping
+#     them 8-bit in memory is not built yet, so there is no 8-bit vs bf16 row);
 # and prints one summary table. GPU_CHECK_TINY=1 shrinks everything and runs on the CPU (a smoke test of the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +54,7 @@ for source in cfg["data"]["task"] + cfg["data"]["general"]:
 (root / "config.yaml").write_text(yaml.safe_dump(cfg))
 PYEOF
   local start=$SECONDS
-  esft fit --config "$WORK/$name/config.yaml" "$@" --model.model "$WORK/model" --model.dtype auto \
+  esft fit --config "$WORK/$name/config.yaml" "$@" --model.model "${MODEL_DIR:-$WORK/model}" --model.dtype auto \
     --trainer.accelerator "$ACCEL" --trainer.max_steps "$STEPS" --trainer.val_check_interval "$STEPS" \
     --trainer.limit_val_batches 2 --trainer.enable_progress_bar false --trainer.log_every_n_steps 1 \
     --data.seq_length "$SEQ" --data.batch_size 2 >"$WORK/$name.log" 2>&1 || { tail -60 "$WORK/$name.log"; exit 1; }
@@ -59,6 +62,10 @@ PYEOF
 }
 fit fsdp --config configs/fsdp.yaml --trainer.devices 1
 fit single --trainer.devices 1
+BLOCK=$([ "$TINY" = 1 ] && echo 32 || echo 128)
+python -c "import sys; from esft_lightning.quantized_export import write_fp8_checkpoint as w; \
+print(w(sys.argv[1], sys.argv[2], ($BLOCK, $BLOCK)), 'tensors written in block FP8')" "$WORK/model" "$WORK/model-fp8"
+MODEL_DIR="$WORK/model-fp8" fit fp8 --trainer.devices 1
 
 python - "$WORK" <<'EOF'
 import csv, math, re, sys
@@ -67,7 +74,7 @@ work = Path(sys.argv[1])
 times = dict(line.split() for line in (work / "times").read_text().splitlines())
 print("\n| run | seconds | trainable dtype | first / last train loss | val loss | tokens/s (last) | memory (params, grads, AdamW) |")
 print("| --- | --- | --- | --- | --- | --- | --- |")
-for name in ("fsdp", "single"):
+for name in ("fsdp", "single", "fp8"):
     log = (work / f"{name}.log").read_text()
     metrics = sorted((work / name).rglob("metrics.csv"))[-1]
     rows = list(csv.DictReader(metrics.open()))
