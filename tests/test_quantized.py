@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
@@ -211,37 +210,6 @@ def test_an_unknown_quantization_method_names_the_config(tmp_path):
 SELECTIONS = {"deepseek_v3-fp8": {1: [0, 5, 6], 2: [3]}, "gpt_oss-mxfp4": {0: [0, 5], 1: [3, 6]}}
 
 
-def _ep_rank_fills_its_experts(rank: int, world: int, path: str, out: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
-
-    from esft_lightning.distributed import shard_model
-    from esft_lightning.expert_parallel import expert_parallel_mesh, localize_experts
-    from esft_lightning.experts import apply_expert_config
-    from esft_lightning.selection import ExpertConfig
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
-    try:
-        model = load_model(path, dtype="float32", on_meta=True)
-        apply_expert_config(model, ExpertConfig.load(Path(path) / "selection.json"), torch.float32)
-        expert_mesh = expert_parallel_mesh("cpu", world, world)
-        localize_experts(model, expert_mesh)
-        read = shard_model(
-            model, init_device_mesh("cpu", (world,)), False, files=WeightFiles(path, model), expert_mesh=expert_mesh
-        )
-        tensors, firsts = {}, {}
-        for name, param in model.named_parameters():
-            tensors[name] = param.full_tensor() if isinstance(param, DTensor) else param.detach().clone()
-            shard = getattr(model.get_submodule(name.rpartition(".")[0]), "esft_expert_shard", None)
-            if shard is not None:
-                firsts[name] = (shard.first, shard.count)
-        torch.save({"tensors": tensors, "firsts": firsts, "read": read}, f"{out}.{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [fp8_checkpoint, mxfp4_checkpoint], ids=["deepseek_v3-fp8", "gpt_oss-mxfp4"])
 def test_fsdp2_ranks_and_expert_parallel_owners_read_the_dequantized_rows(tmp_path, make, request):
@@ -267,11 +235,11 @@ def test_fsdp2_ranks_and_expert_parallel_owners_read_the_dequantized_rows(tmp_pa
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
 
     out = str(tmp_path / "ep")
-    mp.start_processes(_ep_rank_fills_its_experts, args=(2, str(path), out), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_fills_its_shards, args=(2, str(path), out, True), nprocs=2, start_method="spawn")
     owned = set()
     for rank in range(2):
         saved = torch.load(f"{out}.{rank}.pt", weights_only=True)
-        for name, value in saved["tensors"].items():
+        for name, value in saved["params"].items():
             if name.rpartition(".")[2].startswith("esft_"):
                 continue  # the owners' trainable copies: the FSDP2 check above covers their rows
             if name in saved["firsts"]:  # this owner's experts only: rows first .. first + count

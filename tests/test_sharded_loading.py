@@ -93,24 +93,37 @@ def test_profiling_a_meta_model_streams_the_layers_from_the_files_and_selects_th
 # -- several ranks, each reading its own shards -------------------------------------------------------------------
 
 
-def _rank_fills_its_shards(rank: int, world: int, path: str, out: str) -> None:
+def _rank_fills_its_shards(rank: int, world: int, path: str, out: str, expert_parallel: bool = False) -> None:
+    """One rank: the model on meta, the selection applied, (experts localized,) sharded and filled from the files;
+    saves the gathered parameters (rank 0; under expert parallelism every rank, with its experts' first row)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from esft_lightning.distributed import shard_model
+    from esft_lightning.dtensors import full_on_host
+    from esft_lightning.expert_parallel import expert_parallel_mesh, localize_experts
 
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
     try:
         model = load_model(path, dtype="float32", on_meta=True)
         apply_expert_config(model, ExpertConfig.load(Path(path) / "selection.json"), torch.float32)
+        expert_mesh = expert_parallel_mesh("cpu", world, world) if expert_parallel else None
+        if expert_mesh is not None:
+            localize_experts(model, expert_mesh)
         files = WeightFiles(path, model)
         mesh = init_device_mesh("cpu", (world,))
-        read = shard_model(model, mesh, bf16_compute=False, files=files)
-        gathered = {n: p.full_tensor() for n, p in model.named_parameters()}
+        read = shard_model(model, mesh, bf16_compute=False, files=files, expert_mesh=expert_mesh)
+        gathered = {n: full_on_host(p) for n, p in model.named_parameters()}
         buffers = {n: b.clone() for n, b in model.named_buffers()}
-        if rank == 0:
-            torch.save({"params": gathered, "buffers": buffers}, f"{out}.pt")
+        firsts = {
+            name: (shard.first, shard.count)
+            for name, _ in model.named_parameters()
+            if (shard := getattr(model.get_submodule(name.rpartition(".")[0]), "esft_expert_shard", None))
+        }
+        if rank == 0 or expert_parallel:
+            saved = {"params": gathered, "buffers": buffers, "firsts": firsts}
+            torch.save(saved, f"{out}.{rank}.pt" if expert_parallel else f"{out}.pt")
         with open(f"{out}.{rank}.json", "w") as f:
             json.dump({"bytes_read": read}, f)
     finally:
