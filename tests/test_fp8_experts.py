@@ -15,6 +15,7 @@ from esft_lightning.experts_forward import expert_param_names
 from esft_lightning.fp8_experts import SCALE_SUFFIX, dequantize_experts, quantize_experts
 from esft_lightning.models import build_tiny_model, find_moe_layers
 from esft_lightning.selection import ExpertConfig
+from esft_lightning.selection_spec import SelectionSpec
 
 FAMILIES = ["deepseek_v3", "qwen3_moe", "gpt_oss", "mixtral"]  # shared experts, plain, transposed + biases, renamed
 
@@ -235,3 +236,24 @@ def test_two_rank_fit_with_8bit_frozen_experts_trains_and_merges_the_model(tmp_p
         else:
             torch.testing.assert_close(value, reference[key], rtol=0, atol=0, msg=key)
     assert moved > 0
+
+
+def test_the_planner_counts_8bit_frozen_experts():
+    from esft_lightning.planning import PlanRequest, plan_memory
+
+    def plan(frozen: str):
+        with torch.device("meta"):
+            model = build_tiny_model("deepseek_v3").to(torch.bfloat16)
+        spec = SelectionSpec(frozen_experts_dtype=frozen)
+        return plan_memory(model, PlanRequest(strategy="single", spec=spec, expert_config=_selection(model)))
+
+    model_dtype, fp8 = plan("model").per_rank, plan("float8").per_rank
+    experts = build_tiny_model("deepseek_v3").to(torch.bfloat16)
+    frozen_bf16 = sum(
+        getattr(layer.experts, n).numel() * 2
+        for layer in find_moe_layers(experts)
+        for n in expert_param_names(layer.experts)[:2]
+    )
+    saved = model_dtype.params_bytes - fp8.params_bytes
+    assert 0.45 * frozen_bf16 < saved < 0.5 * frozen_bf16  # 2 bytes -> 1 byte a value, plus a float32 per block
+    assert fp8.trainable_bytes == model_dtype.trainable_bytes and fp8.optimizer_bytes == model_dtype.optimizer_bytes
