@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Literal
 
@@ -11,17 +12,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers import PreTrainedTokenizerBase
 
 from .packing import (
     ResumableSampler,
     SequenceDataset,
     gradient_accumulation,
-    has_target,
     mixture_counts,
     pack_sequences,
 )
 from .sources import IGNORE_INDEX, DataError, Source, tokenize_messages, tokenize_source
 from .templates import Template
+from .tokenizer import as_tokenizer
+from .windows import Mixed, Windows
 
 # torchdata 0.11 calls a torch API that torch 2.13 deprecated, once per loader iterator: noise for users.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -40,9 +43,11 @@ __all__ = [
 class ESFTDataModule(L.LightningDataModule):
     """Task sources mixed by weight, plus general data at ``general_ratio`` : 1 to the task data.
 
-    Every source is tokenized once (cached), split into train / validation with ``seed``, and packed
-    to ``seq_length``. An epoch draws ``num_train_sequences`` sequences (default: all task sequences
-    plus their general share), split among sources by their weights, deterministically from ``seed``.
+    Every source is tokenized once per node into a memory-mapped token store (cached; see ``tokenize_source``),
+    split into train / validation with ``seed``, and packed to ``seq_length`` as offsets into the store: host
+    memory holds a few integers per sequence, not the tokens. An epoch draws ``num_train_sequences`` sequences
+    (default: all task sequences plus their general share), split among sources by their weights,
+    deterministically from ``seed``, as indices into those sequences.
     Validation has one dataloader per source, so loss is logged per task and for general data; so has
     testing (``esft test``), on the ``test`` sources when given, else on the validation sequences.
 
@@ -51,7 +56,8 @@ class ESFTDataModule(L.LightningDataModule):
     data-parallel ranks x accumulation), so one config means the same on 1 or 8 GPUs; so does
     ``val_every_n_steps`` (validation every n optimizer steps, whatever the accumulation).
     ``template``: ``esft`` (ESFT's own chat format) or ``model`` (the tokenizer's chat template, trained on
-    the tokens inside its ``{% generation %}`` blocks).
+    the tokens inside its ``{% generation %}`` blocks). ``tokenizer``: a tokenizer object or its directory;
+    by default the LightningModule's ``tokenizer``, else the byte tokenizer.
     """
 
     def __init__(
@@ -68,7 +74,7 @@ class ESFTDataModule(L.LightningDataModule):
         num_train_sequences: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
-        tokenizer: str | None = None,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
         cache_dir: str | None = None,
         template: Template = "esft",
         global_batch_size: int | None = None,
@@ -106,15 +112,18 @@ class ESFTDataModule(L.LightningDataModule):
         self.packing, self.random_concat_ratio = packing, random_concat_ratio
         self.val_fraction, self.max_val_sequences = val_fraction, max_val_sequences
         self.num_train_sequences, self.seed, self.num_workers = num_train_sequences, seed, num_workers
-        self.tokenizer_path, self.cache_dir, self.template = tokenizer, cache_dir, template
+        self.cache_dir, self.template = cache_dir, template
+        # A directory is loaded when first needed (setup); a tokenizer object is used as given.
+        self.tokenizer_path = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else None
         self.global_batch_size, self.test = global_batch_size, list(test or [])
         if val_every_n_steps is not None and val_every_n_steps < 1:
             raise ValueError(f"data.val_every_n_steps must be >= 1 (or null), got {val_every_n_steps!r}")
         self.val_every_n_steps = val_every_n_steps
-        self.tokenizer = None
-        self.train_sequences: dict[str, list] = {}
-        self.val_sequences: dict[str, list] = {}
-        self.profile_sequences: dict[str, list] = {}
+        self.tokenizer = None if self.tokenizer_path or tokenizer is None else as_tokenizer(tokenizer)
+        # Per source label: the sequences as offsets into its memory-mapped token store (`Windows`).
+        self.train_sequences: dict[str, Windows] = {}
+        self.val_sequences: dict[str, Windows] = {}
+        self.profile_sequences: dict[str, Windows] = {}
         self.train_dataset: SequenceDataset | None = None
 
     @property
@@ -125,13 +134,11 @@ class ESFTDataModule(L.LightningDataModule):
     def val_names(self) -> list[str]:
         return [s.label for s in self.sources]
 
-    def _resolve_tokenizer(self):
+    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is not None:
             return self.tokenizer
         if self.tokenizer_path:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            self.tokenizer = as_tokenizer(self.tokenizer_path)
         elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
         else:
@@ -186,14 +193,14 @@ class ESFTDataModule(L.LightningDataModule):
             # A packed chunk can hold only prompt tokens: nothing to learn, and a batch of such chunks has a
             # mean loss of 0/0 = NaN. Training and validation skip them; routing profiling reads every chunk.
             self.profile_sequences[source.label] = train
-            train, val = [s for s in train if has_target(s)], [s for s in val if has_target(s)]
-            if not train:
+            train, val = train.select(train.has_target()), val.select(val.has_target())
+            if not len(train):
                 raise DataError(f"data source {source.path}: no training sequence with a trained token after packing")
             self.train_sequences[source.label] = train
-            self.val_sequences[source.label] = val[: self.max_val_sequences]
+            self.val_sequences[source.label] = val.head(self.max_val_sequences)
         self.train_dataset = SequenceDataset(self._draw_mixture())
 
-    def _draw_mixture(self) -> list:
+    def _draw_mixture(self) -> Mixed:
         task_total = sum(len(self.train_sequences[s.label]) for s in self.task)
         ratio = self.general_ratio if self.general else 0.0
         total = self.num_train_sequences or int(round(task_total * (1 + ratio)))
@@ -202,13 +209,17 @@ class ESFTDataModule(L.LightningDataModule):
             gw = sum(g.weight for g in self.general)
             weights = [w / (1 + ratio) for w in weights] + [ratio / (1 + ratio) * g.weight / gw for g in self.general]
         rng = np.random.default_rng([self.seed, 1 << 20])
-        drawn = []
-        for source, count in zip(self.sources, mixture_counts(weights, total)):
-            pool = self.train_sequences[source.label]
+        pools = [self.train_sequences[source.label] for source in self.sources]
+        parts, picked = [], []
+        for k, (pool, count) in enumerate(zip(pools, mixture_counts(weights, total))):
             # Without replacement while the pool lasts, then a fresh permutation (epochs of the source).
-            picks = np.concatenate([rng.permutation(len(pool)) for _ in range(math.ceil(count / len(pool)))])
-            drawn.extend(pool[j] for j in picks[:count])
-        return [drawn[j] for j in rng.permutation(len(drawn))]
+            rounds = [rng.permutation(len(pool)) for _ in range(math.ceil(count / len(pool)))]
+            picks = np.concatenate(rounds)[:count] if rounds else np.zeros(0, dtype=np.int64)
+            parts.append(np.full(len(picks), k, dtype=np.int32))
+            picked.append(picks)
+        # Which source and which of its sequences: an index per drawn sequence, the tokens stay in the stores.
+        order = rng.permutation(sum(len(p) for p in picked))
+        return Mixed(pools, np.concatenate(parts)[order], np.concatenate(picked)[order])
 
     def _loader(
         self, dataset: Dataset, shuffle: bool, batch_size: int | None = None, shard: bool | None = None
@@ -245,8 +256,8 @@ class ESFTDataModule(L.LightningDataModule):
             ds = tokenize_source(source.path, tokenizer, self.cache_dir, self.template, source.columns)
             rng = np.random.default_rng([self.seed, 1 << 21])
             sequences, _ = pack_sequences(ds, np.arange(len(ds)), self.seq_length, self.packing, rng, 0.0)
-            sequences = [seq for seq in sequences if has_target(seq)]
-            if not sequences:
+            sequences = sequences.select(sequences.has_target())
+            if not len(sequences):
                 raise DataError(f"{source.path}: no test sequence with a trained (assistant) token")
             loaders.append(self._loader(SequenceDataset(sequences), shuffle=False))
         return loaders
@@ -258,7 +269,7 @@ class ESFTDataModule(L.LightningDataModule):
         rank that profiles alone)."""
         if not self.train_sequences:
             self.setup("fit")
-        seqs = [seq for s in self.task for seq in self.profile_sequences[s.label]]
+        seqs = Mixed.chain([self.profile_sequences[s.label] for s in self.task])
         return self._loader(SequenceDataset(seqs), shuffle=False, batch_size=batch_size, shard=shard)
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-import datasets
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from .sources import IGNORE_INDEX
+from .templates import IGNORE_INDEX
+from .token_store import TokenStore
+from .windows import Windows
 
 
 class SequenceDataset(Dataset):
-    """Fixed list of (input_ids, labels) token sequences."""
+    """(input_ids, labels) token sequences as tensors: a list of arrays, or ``Windows``/``Mixed`` that read each
+    sequence from a memory-mapped store when it is asked for."""
 
-    def __init__(self, sequences: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def __init__(self, sequences: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
         self.sequences = sequences
 
     def __len__(self) -> int:
@@ -93,59 +95,70 @@ class ResumableSampler(DistributedSampler):
         self.epoch, self._skip = state["epoch"], state["yielded"] % max(len(self._indices()), 1)
 
 
-def _columns(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat token and label arrays plus per-sample offsets, straight from Arrow (no Python lists)."""
-    ids = ds.data.column("input_ids").combine_chunks()
-    labels = ds.data.column("labels").combine_chunks()
-    offsets = ids.offsets.to_numpy()
-    return ids.values.to_numpy().astype(np.int64), labels.values.to_numpy().astype(np.int64), offsets
-
-
 def pack_sequences(
-    ds: datasets.Dataset,
+    store: TokenStore,
     indices: np.ndarray,
     seq_length: int,
     packing: str,
     rng: np.random.Generator,
     random_concat_ratio: float,
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
-    """Samples ``indices`` of ``ds`` -> sequences of at most ``seq_length``; returns (sequences, truncated).
+) -> tuple[Windows, int]:
+    """Samples ``indices`` of ``store`` -> sequences of at most ``seq_length``; returns (sequences, truncated).
 
     ``pack``: samples concatenated in order and cut into full ``seq_length`` chunks (the tail is dropped
     unless it is the only chunk). ``pad``: one sample per sequence (longer ones truncated), and with
     probability ``random_concat_ratio`` a sequence takes further random samples while they fit (the
-    reference's random concatenation).
+    reference's random concatenation). The sequences are ``Windows``: offsets into the store, no tokens copied.
     """
-    ids, labels, offsets = _columns(ds)
+    indices = np.asarray(indices, dtype=np.int64)
     if packing == "pack":
-        sel = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in indices]) if len(indices) else []
-        stream_ids, stream_labels = ids[sel], labels[sel]
-        n = max(1, len(stream_ids) // seq_length)
-        return [
-            (stream_ids[j * seq_length : (j + 1) * seq_length], stream_labels[j * seq_length : (j + 1) * seq_length])
-            for j in range(n)
-            if len(stream_ids[j * seq_length : (j + 1) * seq_length]) > 1
-        ], 0
+        return _pack(store, indices, seq_length), 0
     if packing != "pad":
         raise ValueError(f"packing must be 'pack' or 'pad', got {packing!r}")
-    sequences, truncated = [], 0
-    for i in indices:
-        parts = [(ids[offsets[i] : offsets[i + 1]], labels[offsets[i] : offsets[i + 1]])]
-        length = len(parts[0][0])
-        if random_concat_ratio > 0 and rng.random() < random_concat_ratio:
+    if random_concat_ratio <= 0:  # no draws from rng: the same stream as before for what follows
+        lengths = store.lengths(indices)
+        windows = Windows.single_pieces(store, store.offsets[indices], np.minimum(lengths, seq_length))
+        return windows, int((lengths > seq_length).sum())
+    return _pad_concatenated(store, indices, seq_length, rng, random_concat_ratio)
+
+
+def _pack(store: TokenStore, indices: np.ndarray, seq_length: int) -> Windows:
+    # The stream is the samples end to end; window j is its positions [j * seq_length, (j + 1) * seq_length).
+    # Pieces are cut at every window and sample boundary, found by sorting the boundaries (no token is read).
+    cum = np.concatenate([[0], np.cumsum(store.lengths(indices))])
+    total = int(cum[-1])
+    n = max(1, total // seq_length)
+    bounds = np.arange(n + 1, dtype=np.int64) * seq_length
+    bounds[-1] = min(total, n * seq_length)  # one short window when the stream is shorter than seq_length
+    points = np.union1d(cum[cum < bounds[-1]], bounds)
+    piece_pos = points[:-1]
+    sample = np.searchsorted(cum, piece_pos, side="right") - 1  # skips empty samples: the next one holds it
+    starts = store.offsets[indices[sample]] + piece_pos - cum[sample]
+    windows = Windows(store, starts, np.diff(points), np.searchsorted(points, bounds))
+    long_enough = np.diff(bounds) > 1  # a one-token chunk predicts nothing
+    return windows if long_enough.all() else windows.select(long_enough)
+
+
+def _pad_concatenated(
+    store: TokenStore, indices: np.ndarray, seq_length: int, rng: np.random.Generator, ratio: float
+) -> tuple[Windows, int]:
+    lengths, offsets = store.lengths().tolist(), store.offsets
+    samples, ptr, truncated = [], [0], 0
+    for i in indices.tolist():
+        parts, length = [i], lengths[i]
+        if rng.random() < ratio:
             while True:
                 j = int(rng.choice(indices))
-                extra = offsets[j + 1] - offsets[j]
-                if length + extra > seq_length:
+                if length + lengths[j] > seq_length:
                     break
-                parts.append((ids[offsets[j] : offsets[j + 1]], labels[offsets[j] : offsets[j + 1]]))
-                length += extra
-        seq_ids, seq_labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        if len(seq_ids) > seq_length:
-            truncated += 1
-            seq_ids, seq_labels = seq_ids[:seq_length], seq_labels[:seq_length]
-        sequences.append((seq_ids, seq_labels))
-    return sequences, truncated
+                parts.append(j)
+                length += lengths[j]
+        truncated += length > seq_length  # only the first sample can be longer: the others are added if they fit
+        samples.extend(p for p in parts if lengths[p])  # an empty piece would hide which token comes first
+        ptr.append(len(samples))
+    samples = np.asarray(samples, dtype=np.int64)
+    sizes = np.minimum(store.lengths(samples), seq_length)
+    return Windows(store, offsets[samples], sizes, np.asarray(ptr, dtype=np.int64)), truncated
 
 
 def has_target(sequence: tuple[np.ndarray, np.ndarray]) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 import datasets
 
 from .templates import DataError
+from .token_store import default_cache_dir
 
 __all__ = ["SHAPES", "SUFFIXES", "check_columns", "data_files", "normalize", "read_records", "records_of_file"]
 
@@ -168,8 +169,6 @@ def _parse_json(raw: bytes, path: Path, first_line: int, kind: str) -> Any:
 def _columnar_records(path: Path, cache_dir: str | Path | None) -> Iterator[tuple[str, Any]]:
     """Parquet and CSV rows through `datasets`' packaged builders, streamed (no Arrow copy in the cache)."""
     if cache_dir is None:
-        from .sources import default_cache_dir  # (sources imports this module)
-
         cache_dir = default_cache_dir()
     cache_dir = Path(cache_dir) / "datasets"
     kind = "Parquet" if path.suffix.lower() == ".parquet" else "CSV"

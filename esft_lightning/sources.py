@@ -1,4 +1,4 @@
-"""One data source (`Source`): its records (read by `readers`) tokenized with a template, cached on disk."""
+"""One data source (`Source`): its records (read by `readers`) tokenized with a template into a cached token store."""
 
 from __future__ import annotations
 
@@ -6,16 +6,27 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 from transformers import PreTrainedTokenizerBase
 
 from .readers import check_columns, data_files, is_glob, read_records
+from .store_build import EmptySource, build_store
 from .templates import IGNORE_INDEX, DataError, Template, check_template, encode_records, tokenize_messages
+from .token_store import FORMAT as STORE_FORMAT
+from .token_store import TokenStore, default_cache_dir
 
-__all__ = ["IGNORE_INDEX", "DataError", "Source", "tokenize_messages", "tokenize_source", "default_cache_dir"]
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "Source",
+    "TokenStore",
+    "tokenize_messages",
+    "tokenize_source",
+    "default_cache_dir",
+]
 TEMPLATE_VERSION = "esft-chat-v3"  # bump when the template or record handling changes: invalidates caches
 
 
@@ -55,13 +66,15 @@ def tokenize_source(
     cache_dir: str | os.PathLike | None = None,
     template: Template = "esft",
     columns: dict[str, str] | None = None,
-) -> datasets.Dataset:
-    """Tokenize every record of ``path`` with ``datasets.map``; cached on the files' content and tokenizer.
+) -> TokenStore:
+    """Tokenize every record of ``path`` into a memory-mapped ``TokenStore``, cached on the files and tokenizer.
 
     ``path`` is anything ``Source.path`` takes (a file, a glob, a ``datasets`` dir); ``columns`` as in
-    ``Source``. Returns a dataset with ``input_ids`` and ``labels`` columns. A second call with the same
-    files, columns, tokenizer and template memory-maps the cached Arrow file and skips reading and
-    tokenizing. Bad records raise ``DataError`` naming the file and line (``file:line``) or row (``file[row]``).
+    ``Source``. The records are read and tokenized in batches as a stream, written to the cache as they go (host
+    memory does not grow with the file). A second call with the same files, columns, tokenizer and template
+    maps the cached store and skips reading and tokenizing; processes asking at once tokenize it once (see
+    ``store_build.build_store``). Bad records raise ``DataError`` naming the file and line (``file:line``) or
+    row (``file[row]``), and leave nothing in the cache.
     """
     check_columns(columns)
     check_template(tokenizer, template)
@@ -70,39 +83,24 @@ def tokenize_source(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]+", "_", path.stem).strip("_") or "data"
-    fingerprint = _fingerprint(files, columns, tokenizer, template)
-    cache_file = cache / f"{stem}-{fingerprint}.arrow"
-    if cache_file.exists():
-        return datasets.Dataset.from_file(str(cache_file))
-    located = list(read_records(path, columns, cache))
-    if not located:
-        raise DataError(f"data source {path} holds no records")
-    raw = datasets.Dataset.from_dict({"where": [w for w, _ in located], "record": [_json(w, r) for w, r in located]})
+    target = cache / f"{stem}-{_fingerprint(files, columns, tokenizer, template)}.tokens"
 
-    def tokenize_batch(batch: dict[str, list]) -> dict[str, list]:
-        pairs = encode_records(
-            [(w, json.loads(r)) for w, r in zip(batch["where"], batch["record"])], tokenizer, template
-        )
-        return {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}
+    def records() -> Iterator[tuple[str, dict]]:
+        # Through JSON and back, as the records went through an Arrow column before: the same values reach the
+        # template (tuples as lists, ...), and a value JSON cannot hold is a DataError naming its row.
+        for where, record in read_records(path, columns, cache):
+            yield where, json.loads(_json(where, record))
 
-    tmp_file = cache_file.with_suffix(f".{os.getpid()}.tmp")
     try:
-        tokenized = raw.map(
-            tokenize_batch,
-            batched=True,
-            batch_size=512,
-            remove_columns=raw.column_names,
-            cache_file_name=str(tmp_file),
-            # Our content key, so datasets does not hash the function itself (dill-pickling the tokenizer with
-            # it measured 0.5 s of 2.7 s on ESFT's intent + law sets).
-            new_fingerprint=fingerprint,
+        return build_store(
+            target,
+            records,
+            lambda batch: encode_records(batch, tokenizer, template),
+            vocab_size=max(len(tokenizer), tokenizer.vocab_size or 0),
             desc=f"Tokenizing {path.name}",
         )
-        del tokenized
-        os.replace(tmp_file, cache_file)  # atomic: an interrupted run never leaves a half-written cache
-    finally:
-        tmp_file.unlink(missing_ok=True)
-    return datasets.Dataset.from_file(str(cache_file))
+    except EmptySource:
+        raise DataError(f"data source {path} holds no records") from None
 
 
 def _json(where: str, record: dict) -> str:
@@ -112,18 +110,10 @@ def _json(where: str, record: dict) -> str:
         raise DataError(f"{where}: a value of an unexpected type ({err})") from None
 
 
-def default_cache_dir() -> Path:
-    """$ESFT_CACHE_DIR, else $XDG_CACHE_HOME/esft-lightning (~/.cache/esft-lightning)."""
-    base = os.environ.get("ESFT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "esft-lightning"
-    )
-    return Path(base)
-
-
 def _fingerprint(
     files: list[Path], columns: dict[str, str] | None, tokenizer: PreTrainedTokenizerBase, template: Template
 ) -> str:
-    h = hashlib.sha256(f"{TEMPLATE_VERSION}/{template}".encode())
+    h = hashlib.sha256(f"{TEMPLATE_VERSION}/{STORE_FORMAT}/{template}".encode())
     h.update(json.dumps(sorted((columns or {}).items())).encode())
     if template == "model":
         h.update((tokenizer.get_chat_template() or "").encode())

@@ -1,8 +1,10 @@
-"""A byte-level tokenizer that needs no files or network: the embedded default for tiny models."""
+"""Tokenizers: a byte-level one that needs no files or network (the tiny models' default), and `as_tokenizer`."""
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast
+import os
+
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 BYTE_VOCAB_SIZE = 259  # 256 bytes + pad/bos/eos
@@ -24,6 +26,18 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=1 << 30
     )
+
+
+def as_tokenizer(tokenizer: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A tokenizer object as given, or the one saved in a local directory (``AutoTokenizer.from_pretrained``).
+
+    Python users pass the tokenizer they already hold; configs name a directory. Both arrive here, so every
+    component that takes a ``tokenizer`` argument accepts either."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    return tokenizer
 
 
 def _char_byte(char: str) -> int:

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from esft_lightning.models import find_moe_model
 from esft_lightning.sources import Source
 from esft_lightning.templates import Template
+from esft_lightning.tokenizer import as_tokenizer
 
 __all__ = ["find_tokenizer", "moe_model", "profiling_batches", "as_sources"]
 
@@ -51,12 +52,8 @@ def find_tokenizer(
     trainer: L.Trainer, pl_module: L.LightningModule, explicit: str | PreTrainedTokenizerBase | None = None
 ) -> PreTrainedTokenizerBase:
     """The tokenizer: ``explicit`` (a tokenizer or a local directory), else the datamodule's, else the module's."""
-    if isinstance(explicit, str):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(explicit)
     if explicit is not None:
-        return explicit
+        return as_tokenizer(explicit)
     datamodule = getattr(trainer, "datamodule", None)
     for owner in (datamodule, pl_module):
         tokenizer = getattr(owner, "tokenizer", None)

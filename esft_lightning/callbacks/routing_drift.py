@@ -38,13 +38,14 @@ def general_dataloader(
 ) -> DataLoader:
     """The general-data training sequences (no task data) in a fixed order, like ``task_dataloader``."""
     from esft_lightning.data import SequenceDataset
+    from esft_lightning.windows import Mixed
 
     if not datamodule.train_sequences:
         datamodule.setup("fit")
     general = [s for s in getattr(datamodule, "general", []) if s.label in datamodule.train_sequences]
     if not general:
         raise ValueError("no general data to profile: set data.general (with data.general_ratio > 0)")
-    sequences = [seq for s in general for seq in datamodule.train_sequences[s.label]]
+    sequences = Mixed.chain([datamodule.train_sequences[s.label] for s in general])  # by index, not copied
     return datamodule._loader(SequenceDataset(sequences), shuffle=False, batch_size=batch_size, shard=shard)
 
 
