@@ -33,7 +33,7 @@ SCALE_SUFFIX = "_scale_inv"
 """A frozen FP8 experts tensor ``P`` keeps its per-block scales in the parameter ``P_scale_inv`` [E, A/128, B/128]."""
 _FP8 = torch.float8_e4m3fn
 _FP8_MAX = 448.0
-_CHUNK_ELEMENTS = 2**27  # experts dequantized at once: at most 128 M values (256 MB in bf16) of transient weights
+_CHUNK_ELEMENTS = 2**25  # experts dequantized at once: at most 32 M values (64 MB in bf16) of transient weights
 
 
 def _grid(a: int, b: int, block: tuple[int, int]) -> tuple[int, int]:
@@ -60,6 +60,9 @@ def dequantize_experts(
 ) -> torch.Tensor:
     """FP8 experts and their block scales -> ``dtype`` [E, A, B] (the product computed in float32, then cast)."""
     experts, a, b = w8_EAB.shape
+    if a % block[0] == 0 and b % block[1] == 0:  # whole blocks (every DeepSeek shape): the scales broadcast
+        blocks = w8_EAB.view(experts, a // block[0], block[0], b // block[1], block[1]).to(torch.float32)
+        return (blocks * scale_EGH[:, :, None, :, None]).to(dtype).view(experts, a, b)
     full = scale_EGH.repeat_interleave(block[0], 1)[:, :a].repeat_interleave(block[1], 2)[:, :, :b]
     return (w8_EAB.to(torch.float32) * full).to(dtype)
 

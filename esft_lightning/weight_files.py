@@ -23,7 +23,7 @@ from .quantized import (
     transposed_parameters,
 )
 
-__all__ = ["RowsSpec", "SafetensorsFile", "UnusedWeightsError", "WeightFiles", "has_safetensors"]
+__all__ = ["RowsSpec", "SafetensorsFile", "UnusedWeightsError", "WeightFiles", "has_safetensors", "return_freed_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
     def read(self, name: str, rows: RowsSpec = None) -> torch.Tensor:
         """Parameter ``name`` (the model's naming) as stored, or only ``rows`` of its dim 0, in the file's dtype
         (float32 for quantized tensors, dequantized)."""
-        _return_freed_memory()  # the previous read's buffers, freed by now
+        return_freed_memory()  # the previous read's buffers, freed by now
         stored = self._alias.get(name)
         if stored is None:
             raise KeyError(f"no safetensors file in {self.directory} holds {name!r}")
@@ -283,7 +283,7 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give memory freed since the last read back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
     Streaming a model tensor by tensor frees a large block after every read; glibc keeps such blocks in the
