@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -155,12 +156,23 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16, help="MoE layers (one dense layer comes first)")
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--fp8", action="store_true", help="the directory in block FP8, as DeepSeek-V3 ships")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_bytes = save_model(tmp / "model", args.hidden, args.experts, args.layers)
+        if args.fp8:  # ranks read FP8 rows and dequantize them; the ratios stay against the loaded model's bytes
+            from esft_lightning.quantized_export import write_fp8_checkpoint
+
+            write_fp8_checkpoint(tmp / "model", tmp / "fp8")
+            shutil.rmtree(tmp / "model")
+            (tmp / "fp8").rename(tmp / "model")
         outputs = {ranks: run_fit(tmp, ranks) for ranks in args.ranks}
-    print(f"model: {model_bytes / 2**30:.2f} GiB of parameters ({args.layers} MoE layers); FSDP2, gloo, CPU")
+    files = "block-FP8 files" if args.fp8 else "files in the model's dtype"
+    print(
+        f"model: {model_bytes / 2**30:.2f} GiB of parameters ({args.layers} MoE layers, {args.experts} experts, "
+        f"hidden {args.hidden}); {files}; FSDP2, gloo, CPU"
+    )
     print("peak host memory above the process baseline, as a multiple of the model's bytes:")
     print("| ranks | phase | rank | resident (RSS) | private (anonymous) | file-backed | shared |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

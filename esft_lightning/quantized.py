@@ -112,20 +112,20 @@ def dequantize_fp8_rows(
 ) -> torch.Tensor:
     """Rows ``rows`` of a block-FP8 weight (``weight_RI``: those rows as stored) as float32.
 
-    ``read_scale_rows(block_rows)`` returns the scale rows covering them; one block row is expanded at a time, so
-    the only extra memory is one row of scales, not a full-size scale matrix.
+    ``read_scale_rows(block_rows)`` returns the scale rows covering them (only those are read); they are expanded to
+    the rows' shape for one vectorized product (a transient the size of the rows read, in float32).
     """
     block_rows, block_cols = block_size
     rows = list(rows)
     out_RI = weight_RI.to(torch.float32)
     if not rows:
         return out_RI
-    needed = sorted({r // block_rows for r in rows})
-    scale_BC = _scale_values(read_scale_rows(needed))
-    position = {b: i for i, b in enumerate(needed)}
+    blocks_R = torch.tensor(rows, dtype=torch.long) // block_rows
+    needed, position_R = torch.unique(blocks_R, sorted=True, return_inverse=True)
+    scale_BC = _scale_values(read_scale_rows(needed.tolist()))
     in_features = out_RI.shape[1]
-    for i, row in enumerate(rows):
-        out_RI[i] *= scale_BC[position[row // block_rows]].repeat_interleave(block_cols)[:in_features]
+    # One vectorized product: each row times its block row's scales, each scale repeated over its block's columns.
+    out_RI *= scale_BC[position_R].repeat_interleave(block_cols, dim=1)[:, :in_features]
     return out_RI
 
 
