@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .fp8_experts import quantize_experts
+
 __all__ = [
     "FP8_SCALE_SUFFIX",
     "MXFP4_BLOCKS_SUFFIX",
@@ -46,7 +48,6 @@ MXFP4_SCALES_SUFFIX = "_scales"
 
 # The 16 values of an e2m1 nibble (sign, 2 exponent bits, 1 mantissa bit).
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-_FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -157,16 +158,10 @@ def dequantize_mxfp4(blocks_EOGB: torch.Tensor, scales_EOG: torch.Tensor) -> tor
 
 # -- writing (tests, the merged model's `original` format, benchmarks) ------------------------------------------
 def quantize_fp8_blocks(weight_OI: torch.Tensor, block_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 2D weight -> (``float8_e4m3fn`` weight, float32 ``scale_inv`` per block), each block's max at 448."""
-    block_rows, block_cols = block_size
-    rows, cols = weight_OI.shape
-    grid_rows, grid_cols = math.ceil(rows / block_rows), math.ceil(cols / block_cols)
-    padded = torch.zeros(grid_rows * block_rows, grid_cols * block_cols, dtype=torch.float32)  # zeros: no new max
-    padded[:rows, :cols] = weight_OI
-    blocks = padded.view(grid_rows, block_rows, grid_cols, block_cols)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / _FP8_MAX
-    quantized = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view_as(padded)[:rows, :cols]
-    return quantized.contiguous(), scale
+    """A 2D weight -> (``float8_e4m3fn`` weight, float32 ``scale_inv`` per block), each block's max at 448 (one
+    expert of ``fp8_experts.quantize_experts``)."""
+    weight, scale = quantize_experts(weight_OI[None], block_size)
+    return weight[0], scale[0]
 
 
 def quantize_mxfp4(weight_EOI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

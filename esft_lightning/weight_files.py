@@ -77,7 +77,8 @@ class WeightFiles(Mapping[str, torch.Tensor]):
         self._handles = {f.name: SafetensorsFile(f) for f in files}
         where = {key: name for name, handle in self._handles.items() for key in handle.keys()}
         self.scheme = read_quantization(self.directory)
-        self._quantized = self._pair_quantized(where, model)
+        self._quantized = self._pair_quantized(where)
+        self._transposed = transposed_parameters(model)  # MXFP4 files store [E, out, in]
         self.skipped = _layers_past_the_model(where, model)
         if self.skipped:
             layers = sorted({int(re.search(r"\.layers\.(\d+)\.", k)[1]) for k in self.skipped})
@@ -88,7 +89,8 @@ class WeightFiles(Mapping[str, torch.Tensor]):
                 len(self.skipped),
                 layers,
             )
-            where = {k: v for k, v in where.items() if k not in set(self.skipped)}
+            skipped = set(self.skipped)
+            where = {k: v for k, v in where.items() if k not in skipped}
         aliases = _names_by_tensor(model)
         wanted = {name for names in aliases for name in names}
         present = dict.fromkeys(wanted, True)  # (rename_source_key only asks whether a name exists)
@@ -127,7 +129,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
                 "format esft-lightning does not know)"
             )
 
-    def _pair_quantized(self, where: dict[str, str], model: nn.Module) -> dict[str, tuple[str, str, str, str]]:
+    def _pair_quantized(self, where: dict[str, str]) -> dict[str, tuple[str, str, str, str]]:
         """Quantized tensors by the name they are read under -> (kind, value key, scale key, scale file); their
         stored keys are replaced in ``where`` by that name. Checks scale grids and unpaired FP8 weights."""
         pairs = quantized_tensor_names(list(where), self.scheme)
@@ -150,7 +152,6 @@ class WeightFiles(Mapping[str, torch.Tensor]):
                     f"{self.directory}/{file}: {key} is stored in FP8 without a `{key}_scale_inv` scale (or the "
                     "config.json has no fp8 quantization_config): its raw values are not the weights"
                 )
-        self._transposed = transposed_parameters(model)
         return out
 
     def _read_key(self, file: str, key: str, rows: RowsSpec = None) -> torch.Tensor:
