@@ -111,7 +111,7 @@ def write_config(tmp: Path, steps: int, seq: int, batch: int) -> Path:
     """The quickstart (its embedded model) for ``steps`` steps, one fixed selection, every output under ``tmp``."""
     import yaml
 
-    from esft_lightning.selection import ExpertConfig
+    from esft_lightning.selection.rules import ExpertConfig
 
     selection = tmp / "expert_cfg.json"
     ExpertConfig(SELECTION).save(selection)
@@ -255,8 +255,9 @@ ASSUMPTIONS = (
 
 
 def doc_rows() -> list[dict]:
-    from esft_lightning.planning import build_meta_model, selection_bound
-    from esft_lightning.selection_spec import SelectionSpec, apply
+    from esft_lightning.pipeline import apply
+    from esft_lightning.planning.plan import build_meta_model, selection_bound
+    from esft_lightning.selection.spec import SelectionSpec
 
     rows = []
     for name in DOC_MODELS:
@@ -334,9 +335,10 @@ def main() -> None:
 
 def _expected_for_measured(rows: list[dict], tokens: int) -> list[dict]:
     """The formula for the measured runs (the embedded model in fp32, its fixed selection); "other" not modelled."""
-    from esft_lightning.models.loading import load_model
-    from esft_lightning.selection import ExpertConfig
-    from esft_lightning.selection_spec import SelectionSpec, apply
+    from esft_lightning.pipeline import apply
+    from esft_lightning.selection.rules import ExpertConfig
+    from esft_lightning.selection.spec import SelectionSpec
+    from esft_lightning.weights.loading import load_model
 
     out = []
     for r in rows:

@@ -33,9 +33,9 @@ import numpy as np
 from common import REPO_ROOT, interleaved_times, load_line, machine_line, median, print_table, setup, verdict
 
 from esft_lightning import ESFTDataModule, Source
-from esft_lightning.readers import read_records
-from esft_lightning.sources import tokenize_source
-from esft_lightning.templates import encode_records, esft_prompt_text
+from esft_lightning.data.readers import read_records
+from esft_lightning.data.sources import tokenize_source
+from esft_lightning.data.templates import encode_records, esft_prompt_text
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "esft" / "train" / "intent.jsonl"
 TRAIN_DIR = DEFAULT_DATA.parent
@@ -135,8 +135,8 @@ def mix_child(path: str, cache: str, seq_length: int, batches: int) -> None:
     import torch  # noqa: F401  (imports are part of the baseline, as in host_memory.py)
     import transformers  # noqa: F401
 
-    from esft_lightning.distributed import current_host_bytes, peak_host_bytes
-    from esft_lightning.sources import tokenize_source
+    from esft_lightning.data.sources import tokenize_source
+    from esft_lightning.distributed.host_memory import current_host_bytes, peak_host_bytes
 
     setup()
     baseline = current_host_bytes()

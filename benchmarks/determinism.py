@@ -54,10 +54,10 @@ def build(args: argparse.Namespace):  # noqa: ANN201
     """Model with ESFT-Token p selected on random batches and applied, the training batches, AdamW."""
     import torch
 
-    from esft_lightning.experts import apply_expert_config
-    from esft_lightning.models.loading import load_model
-    from esft_lightning.routing import profile_routing
-    from esft_lightning.selection import select_experts
+    from esft_lightning.experts.split import apply_expert_config
+    from esft_lightning.routing.profile import profile_routing
+    from esft_lightning.selection.rules import select_experts
+    from esft_lightning.weights.loading import load_model
 
     if args.model == EMBEDDED:
         model = load_model(EMBEDDED)
@@ -84,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
 
     _, deterministic, prefix = VARIANTS[args.worker]
     if prefix:
-        import esft_lightning.experts_forward as experts_forward
+        import esft_lightning.experts.forward as experts_forward
 
         experts_forward._rows = lambda x, index: x[index]  # the gathers as they were before issue 17
     torch.use_deterministic_algorithms(deterministic)

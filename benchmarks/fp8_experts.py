@@ -56,11 +56,11 @@ def one_run(shape: str, storage: str, tokens: int, steps: int, moe_layers: int) 
     """Build, (quantize), select, train ``steps`` steps; bytes, peak memory above the start, step times, logits."""
     import torch
 
-    from esft_lightning.experts import FP8, apply_expert_config
-    from esft_lightning.experts_forward import expert_param_names
-    from esft_lightning.fp8_experts import dequantize_experts, quantize_experts
+    from esft_lightning.experts.forward import expert_param_names
+    from esft_lightning.experts.fp8 import dequantize_experts, quantize_experts
+    from esft_lightning.experts.split import FP8, apply_expert_config
     from esft_lightning.models import build_tiny_model, find_moe_layers
-    from esft_lightning.selection import ExpertConfig
+    from esft_lightning.selection.rules import ExpertConfig
 
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
@@ -88,7 +88,7 @@ def one_run(shape: str, storage: str, tokens: int, steps: int, moe_layers: int) 
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    from esft_lightning.weight_files import return_freed_memory
+    from esft_lightning.weights.weight_files import return_freed_memory
 
     return_freed_memory()  # the bf16 build the fp8 run quantized from is freed: give its pages back first
     held = current_rss() - baseline  # the model as training holds it

@@ -27,8 +27,8 @@ if str(REPO) not in sys.path:
 
 def save_model(path: Path, hidden: int, layers: int, experts: int) -> int:
     """A random qwen3_moe of the tiny family scaled up, saved with save_pretrained; returns its bytes."""
+    from esft_lightning.data.tokenizer import byte_tokenizer
     from esft_lightning.models import build_tiny_model
-    from esft_lightning.tokenizer import byte_tokenizer
 
     model = build_tiny_model(
         "qwen3_moe",
@@ -65,9 +65,9 @@ def worker(rank: int, world: int, folder: str, spec: dict) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from esft_lightning.evaluation import evaluate_set
-    from esft_lightning.sharded_generation import sharded_generation
-    from esft_lightning.tokenizer import byte_tokenizer
+    from esft_lightning.data.tokenizer import byte_tokenizer
+    from esft_lightning.distributed.sharded_generation import sharded_generation
+    from esft_lightning.evaluation.evaluate import evaluate_set
 
     torch.set_num_threads(max(1, spec["threads"] // world))  # the ranks share the cores
     torch.set_flush_denormal(True)
@@ -78,7 +78,7 @@ def worker(rank: int, world: int, folder: str, spec: dict) -> None:
         if world > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
-            from esft_lightning.distributed import shard_model
+            from esft_lightning.distributed.fsdp import shard_model
 
             shard_model(model, init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",)), False)
             dist.barrier()  # time from the same start on every rank

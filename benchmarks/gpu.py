@@ -1,5 +1,5 @@
 """GPU: tokens/s and peak memory of ESFT-Token (fp32 trained experts) vs full fine-tuning (bf16) on one CUDA GPU,
-and the memory plan (esft_lightning.planning) of each next to torch.cuda.max_memory_allocated."""
+and the memory plan (esft_lightning.planning.plan) of each next to torch.cuda.max_memory_allocated."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from esft_lightning.experts import apply_expert_config
+from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.models import build_tiny_model, find_moe_layers
-from esft_lightning.routing import profile_routing
-from esft_lightning.selection import ExpertConfig, select_experts
+from esft_lightning.routing.profile import profile_routing
+from esft_lightning.selection.rules import ExpertConfig, select_experts
 
 
 def build(args: argparse.Namespace, device: str = "cuda") -> torch.nn.Module:
@@ -52,9 +52,9 @@ def _build_tiny(args: argparse.Namespace) -> torch.nn.Module:
 def predicted_bytes(args: argparse.Namespace, config: ExpertConfig | None) -> int:
     """The plan's per-device total for this benchmark's step: ESFT with ``config`` (fp32 copies), or full
     fine-tuning in bf16 (every parameter trainable in the model's dtype, as ``run`` trains it) when None."""
-    from esft_lightning.planning import PlanRequest, plan_memory
-    from esft_lightning.selection import all_experts
-    from esft_lightning.selection_spec import SelectionSpec
+    from esft_lightning.planning.plan import PlanRequest, plan_memory
+    from esft_lightning.selection.rules import all_experts
+    from esft_lightning.selection.spec import SelectionSpec
 
     model = build(args, "meta")
     if config is None:

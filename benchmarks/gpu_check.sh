@@ -63,7 +63,7 @@ PYEOF
 fit fsdp --config configs/fsdp.yaml --trainer.devices 1
 fit single --trainer.devices 1
 BLOCK=$([ "$TINY" = 1 ] && echo 32 || echo 128)
-python -c "import sys; from esft_lightning.quantized_export import write_fp8_checkpoint as w; \
+python -c "import sys; from esft_lightning.weights.quantized_export import write_fp8_checkpoint as w; \
 print(w(sys.argv[1], sys.argv[2], ($BLOCK, $BLOCK)), 'tensors written in block FP8')" "$WORK/model" "$WORK/model-fp8"
 MODEL_DIR="$WORK/model-fp8" fit fp8 --trainer.devices 1
 

@@ -36,7 +36,7 @@ def rank_main(argv: list[str]) -> None:
     import transformers  # noqa: F401
 
     from esft_lightning.cli import main
-    from esft_lightning.distributed import current_host_bytes, peak_host_bytes
+    from esft_lightning.distributed.host_memory import current_host_bytes, peak_host_bytes
 
     def status() -> dict[str, int]:
         with open("/proc/self/status") as f:
@@ -80,8 +80,8 @@ def rank_main(argv: list[str]) -> None:
 def save_model(path: Path, hidden: int, experts: int, layers: int) -> int:
     import torch
 
+    from esft_lightning.data.tokenizer import byte_tokenizer
     from esft_lightning.models import build_tiny_model
-    from esft_lightning.tokenizer import byte_tokenizer
 
     model = build_tiny_model(
         "deepseek_v3",
@@ -162,7 +162,7 @@ def main() -> None:
         tmp = Path(tmp)
         model_bytes = save_model(tmp / "model", args.hidden, args.experts, args.layers)
         if args.fp8:  # ranks read FP8 rows and dequantize them; the ratios stay against the loaded model's bytes
-            from esft_lightning.quantized_export import write_fp8_checkpoint
+            from esft_lightning.weights.quantized_export import write_fp8_checkpoint
 
             write_fp8_checkpoint(tmp / "model", tmp / "fp8")
             shutil.rmtree(tmp / "model")

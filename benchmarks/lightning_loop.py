@@ -23,9 +23,9 @@ import torch
 from common import MODEL_CONFIGS, load_line, machine_line, median, print_table, setup, spread, verdict
 
 from esft_lightning import ESFTDataModule, ESFTModule, Source
-from esft_lightning.experts import apply_expert_config
-from esft_lightning.routing import profile_routing
-from esft_lightning.selection import select_experts
+from esft_lightning.experts.split import apply_expert_config
+from esft_lightning.routing.profile import profile_routing
+from esft_lightning.selection.rules import select_experts
 
 WORDS = (
     "the model routes every token to a few experts and only the selected experts learn the task "

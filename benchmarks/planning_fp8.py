@@ -4,7 +4,7 @@
 
 An exact selection of 8 experts in every MoE layer, spread over the owners (experts 0, 32, ..., 224: one per GPU on 8
 GPUs), micro-batch 1 x 4096 with activation checkpointing, bf16 weights, fp32 trainable copies and AdamW state,
-`expert_parallel_size` = the GPU count. Prints the planner's per-GPU bytes (`esft_lightning.planning`, from
+`expert_parallel_size` = the GPU count. Prints the planner's per-GPU bytes (`esft_lightning.planning.plan`, from
 config.json alone) and the levers that would close a gap on the smallest count that misses.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from esft_lightning.planning import DEVICES, GiB, PlanRequest, build_meta_model, plan_memory, usable  # noqa: E402
-from esft_lightning.selection import ExpertConfig  # noqa: E402
-from esft_lightning.selection_spec import SelectionSpec  # noqa: E402
+from esft_lightning.planning.plan import DEVICES, GiB, PlanRequest, build_meta_model, plan_memory, usable  # noqa: E402
+from esft_lightning.selection.rules import ExpertConfig  # noqa: E402
+from esft_lightning.selection.spec import SelectionSpec  # noqa: E402
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:  # `python benchmarks/planning_table.py` from anyw
 
 import torch  # noqa: E402
 
-from esft_lightning.planning import DEVICES, GiB, PlanRequest, build_meta_model, plan_memory, usable  # noqa: E402
+from esft_lightning.planning.plan import DEVICES, GiB, PlanRequest, build_meta_model, plan_memory, usable  # noqa: E402
 
 MODELS = ("DeepSeek-V2-Lite", "Qwen3-30B-A3B", "GPT-OSS-20B", "GPT-OSS-120B", "Qwen3-235B-A22B", "DeepSeek-V3")
 WORLDS = (1, 8, 16)
@@ -77,7 +77,7 @@ def rows() -> list[dict]:
 def ep_rows() -> list[dict]:
     """Per-GPU GiB under expert parallelism (N = all GPUs): ESFT bound / spread selection, FSDP2 alongside."""
     from esft_lightning.models import find_moe_layers
-    from esft_lightning.selection import ExpertConfig
+    from esft_lightning.selection.rules import ExpertConfig
 
     out = []
     for name, worlds in EP_CASES:

@@ -25,7 +25,7 @@ from common import (
     verdict,
 )
 
-from esft_lightning.routing import profile_routing
+from esft_lightning.routing.profile import profile_routing
 
 
 def bench_model(name: str, args: argparse.Namespace) -> float:

@@ -4,7 +4,7 @@
     python benchmarks/replicate_paper.py --quick    # every table and plot from a few steps (< 1 minute): CI
 
 On the shipped pretrained tiny MoE (esft_lightning/resources/pretrained, pretrained on six general synthetic
-domains) and new tasks it never saw (esft_lightning/synthetic.py; by default ``lexicon`` and ``cipher``):
+domains) and new tasks it never saw (esft_lightning/data/synthetic.py; by default ``lexicon`` and ``cipher``):
 1. profiles each task and general domain: how much of a layer's routing its top-n experts carry (paper Fig. 2)
    and how much the ESFT-Token selections of different tasks overlap (Fig. 3);
 2. per task, fine-tunes (mixed 1:1 with general data) with full fine-tuning, ESFT-Token (p=0.2), ESFT-Gate
@@ -36,7 +36,7 @@ from replication.granularity import granularity_task, plot_granularity, run_gran
 from replication.methods import BORROWS, LR_GRID, METHODS
 from replication.plots import plot_disjoint, routing_figures
 
-from esft_lightning import synthetic
+from esft_lightning.data import synthetic
 from esft_lightning.models import find_moe_layers
 
 REPO = Path(__file__).resolve().parents[1]

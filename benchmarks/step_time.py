@@ -40,11 +40,11 @@ from common import (
 )
 from torch import nn
 
-from esft_lightning.experts import apply_expert_config
-from esft_lightning.experts_forward import expert_param_names
+from esft_lightning.experts.forward import expert_param_names
+from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.models import build_tiny_model, find_moe_layers
-from esft_lightning.routing import profile_routing
-from esft_lightning.selection import ExpertConfig, select_experts
+from esft_lightning.routing.profile import profile_routing
+from esft_lightning.selection.rules import ExpertConfig, select_experts
 
 _SIZES = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
 STEP_MODELS: dict[str, tuple[str, dict]] = {

@@ -3,9 +3,11 @@
 import logging as _logging
 
 from .callbacks.expert_selection import prepare_for_sharding
-from .data import ESFTDataModule, Source
+from .data.datamodule import ESFTDataModule
+from .data.sources import Source
 from .module import ESFTModule
-from .selection_spec import SelectionSpec, decide, restore
+from .pipeline import decide, restore
+from .selection.spec import SelectionSpec
 
 __all__ = ["ESFTModule", "ESFTDataModule", "Source", "SelectionSpec", "decide", "restore", "prepare_for_sharding"]
 __version__ = "0.1.0"

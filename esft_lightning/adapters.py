@@ -15,16 +15,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .distributed.expert_parallel import gather_expert_rows
 from .dtensors import full_on_host
-from .expert_parallel import gather_expert_rows
-from .experts import remove_expert_split, validate_expert_config
-from .experts_forward import TRAINED_PREFIX, expert_param_names
+from .experts.forward import TRAINED_PREFIX, expert_param_names
+from .experts.split import remove_expert_split, validate_expert_config
 from .files import atomic_write_dir
 from .models import find_moe_layers
-from .models.loading import load_model
-from .quantized import read_quantization, transposed_parameters
-from .quantized_export import write_in_base_format
-from .selection import CONFIG_FILE, ExpertConfig
+from .selection.rules import CONFIG_FILE, ExpertConfig
+from .weights.loading import load_model
+from .weights.quantized import read_quantization, transposed_parameters
+from .weights.quantized_export import write_in_base_format
 
 log = logging.getLogger(__name__)
 

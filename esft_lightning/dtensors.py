@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-__all__ = ["full_on_host", "is_sharded", "local_shard"]
+__all__ = ["full_on_host", "is_sharded", "local_shard", "model_is_sharded"]
 
 
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor (FSDP2 shards it over ranks)."""
     return isinstance(t, DTensor)
+
+
+def model_is_sharded(model: torch.nn.Module) -> bool:
+    """Whether any of ``model``'s parameters is a DTensor (FSDP2 has sharded it)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:

@@ -14,26 +14,20 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from .callbacks.expert_selection import prepare_for_sharding
-from .distributed import (
-    allow_unused_experts_under_ddp,
-    clip_grad_norm_across_ranks,
-    current_host_bytes,
-    data_parallel_mesh,
-    is_fsdp2,
-    local_shard,
-    peak_host_bytes,
-    shard_model,
-    training_memory_bytes,
-)
-from .expert_parallel import expert_parallel_mesh, localize_experts, routed_expert_bytes
-from .experts import is_trained_copy, trainable_summary
+from .data.constants import IGNORE_INDEX
+from .distributed.clipping import clip_grad_norm_across_ranks
+from .distributed.expert_parallel import expert_parallel_mesh, localize_experts, routed_expert_bytes
+from .distributed.fsdp import data_parallel_mesh, shard_model
+from .distributed.host_memory import current_host_bytes, peak_host_bytes, training_memory_bytes
+from .distributed.strategy import allow_unused_experts_under_ddp, is_fsdp2
+from .dtensors import local_shard
+from .experts.split import is_trained_copy, trainable_summary
 from .models.aux_loss import SequenceBalanceLoss, has_sequence_balance_loss
-from .models.loading import MODEL_ARGS, load_model, load_tokenizer, resolve_model_path
-from .selection import ExpertConfig
-from .selection_spec import frozen_experts_in_fp8, restore, selection_entry
-from .sharded_loading import on_meta
-from .sources import IGNORE_INDEX
-from .weight_files import WeightFiles, has_safetensors
+from .pipeline import frozen_experts_in_fp8, restore, selection_entry
+from .selection.rules import ExpertConfig
+from .weights.loading import MODEL_ARGS, load_model, load_tokenizer, resolve_model_path
+from .weights.sharded_loading import on_meta
+from .weights.weight_files import WeightFiles, has_safetensors
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM
 
 from esft_lightning import prepare_for_sharding
 from esft_lightning.callbacks import ExpertSelectionCallback, RoutingDriftCallback, TaskEvalCallback
+from esft_lightning.data.tokenizer import byte_tokenizer
 from esft_lightning.resources import pretrained_path, synthetic_data_path
-from esft_lightning.tokenizer import byte_tokenizer
 
 
 class MyExperiment(L.LightningModule):

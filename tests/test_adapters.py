@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from esft_lightning.adapters import load_adapter, save_adapter
-from esft_lightning.experts import apply_expert_config
+from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.models import build_tiny_model, find_moe_layers
-from esft_lightning.selection import ExpertConfig
+from esft_lightning.selection.rules import ExpertConfig
 
 
 def trained_model(family="deepseek_v2", picks=None, **flags):
@@ -88,7 +88,7 @@ def test_released_esft_layout_loads_into_fused_model(tmp_path):
 def test_merge_gives_standard_checkpoint(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
-    from esft_lightning.tokenizer import byte_tokenizer
+    from esft_lightning.data.tokenizer import byte_tokenizer
 
     base = build_tiny_model(family)
     base.save_pretrained(tmp_path / "base")

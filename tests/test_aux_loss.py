@@ -5,10 +5,10 @@ import torch
 
 from esft_lightning import ESFTModule
 from esft_lightning.callbacks import ExpertSelectionCallback
-from esft_lightning.experts import apply_expert_config
+from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.models import build_tiny_model, find_moe_layers
 from esft_lightning.models.aux_loss import SequenceBalanceLoss, has_sequence_balance_loss
-from esft_lightning.selection import ExpertConfig
+from esft_lightning.selection.rules import ExpertConfig
 
 from .test_cli import fit_one_step
 

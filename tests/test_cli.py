@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from esft_lightning import ESFTDataModule, ESFTModule, Source
 from esft_lightning.callbacks import ExpertSelectionCallback
 from esft_lightning.cli import main
-from esft_lightning.selection import ExpertConfig, select_experts
+from esft_lightning.selection.rules import ExpertConfig, select_experts
 
 from .conftest import FAMILIES, REPO, chat, write_jsonl
 
@@ -138,7 +138,7 @@ def test_default_root_dir_alone_moves_every_output(tmp_path, monkeypatch):
 def test_ckpt_path_last_resolves_as_lightning_does(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from esft_lightning.cli import resolve_ckpt_path
+    from esft_lightning.run_paths import resolve_ckpt_path
 
     older, newer = tmp_path / "a", tmp_path / "b"
     for folder, name in ((older, "last.ckpt"), (newer, "last-v1.ckpt")):
@@ -238,8 +238,8 @@ def test_each_family_trains_one_step_in_lightning(family, tmp_path):
 
 
 def test_model_from_local_directory(tmp_path):
+    from esft_lightning.data.tokenizer import byte_tokenizer
     from esft_lightning.models import build_tiny_model
-    from esft_lightning.tokenizer import byte_tokenizer
 
     model = build_tiny_model("qwen2_moe")
     model.save_pretrained(tmp_path / "m")
@@ -307,7 +307,8 @@ def test_score_functions_and_baselines_through_the_callback(score_function, tmp_
 
 
 def test_esft_help_lists_every_command_and_an_unknown_one_gets_the_list(capsys):
-    from esft_lightning.cli import COMMANDS, TOOLS, main
+    from esft_lightning.cli import main
+    from esft_lightning.cli.commands import COMMANDS, TOOLS
 
     main(["--help"])
     listed = capsys.readouterr().out

@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from esft_lightning.models import build_tiny_model, decoder_layers, find_moe_layers
-from esft_lightning.selection import ExpertConfig
-from esft_lightning.selection_spec import SelectionSpec, apply
+from esft_lightning.pipeline import apply
+from esft_lightning.selection.rules import ExpertConfig
+from esft_lightning.selection.spec import SelectionSpec
 
 from .conftest import REPO
 

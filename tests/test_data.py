@@ -5,9 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from esft_lightning.data import ESFTDataModule, Source, mixture_counts, tokenize_messages
-from esft_lightning.sources import IGNORE_INDEX, tokenize_source
-from esft_lightning.tokenizer import byte_tokenizer
+from esft_lightning.data.constants import IGNORE_INDEX
+from esft_lightning.data.datamodule import ESFTDataModule
+from esft_lightning.data.packing import mixture_counts
+from esft_lightning.data.sources import Source, tokenize_source
+from esft_lightning.data.templates import tokenize_messages
+from esft_lightning.data.tokenizer import byte_tokenizer
 
 from .conftest import chat, write_jsonl
 
@@ -49,7 +52,7 @@ def test_bad_records_name_file_and_line(tmp_path):
 
 
 def test_tokenization_is_cached_and_reused(tmp_path, monkeypatch):
-    import esft_lightning.sources as sources
+    import esft_lightning.data.sources as sources
 
     path = write_jsonl(tmp_path / "t.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
     first = tokenize_source(path, byte_tokenizer(), tmp_path / "cache")
@@ -121,7 +124,7 @@ def test_packing_and_truncation(tmp_path):
 
 
 def test_resumable_sampler_continues_mid_epoch():
-    from esft_lightning.data import ResumableSampler
+    from esft_lightning.data.datamodule import ResumableSampler
 
     s = ResumableSampler(10, seed=3)
     s.set_epoch(2)
@@ -170,7 +173,7 @@ def test_random_concatenation_fills_sequences(tmp_path):
 
 @pytest.mark.parametrize("size, world", [(1, 3), (2, 5), (7, 3), (10, 4), (0, 2)])
 def test_every_rank_gets_the_same_number_of_indices(size, world):
-    from esft_lightning.data import ResumableSampler
+    from esft_lightning.data.datamodule import ResumableSampler
 
     for shuffle in (True, False):
         shards = [
@@ -246,7 +249,7 @@ def test_bad_settings_name_the_key(tmp_path, key, value):
 
 
 def test_folder_that_is_not_a_dataset_is_named(tmp_path):
-    from esft_lightning.sources import DataError
+    from esft_lightning.data.constants import DataError
 
     (tmp_path / "notdata").mkdir()
     (tmp_path / "notdata/readme.txt").write_text("hello")

@@ -23,9 +23,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from esft_lightning.experts import apply_expert_config, is_trained_copy
+from esft_lightning.experts.split import apply_expert_config, is_trained_copy
 from esft_lightning.models import build_tiny_model
-from esft_lightning.selection import ExpertConfig
+from esft_lightning.selection.rules import ExpertConfig
 
 from .test_cli import log_dirs, quick_config
 

@@ -15,8 +15,9 @@ from esft_lightning.adapters import load_adapters
 from esft_lightning.callbacks import ExpertSelectionCallback
 from esft_lightning.cli import main
 from esft_lightning.models import build_tiny_model
-from esft_lightning.routing import RoutingProfile
-from esft_lightning.selection import (
+from esft_lightning.pipeline import decide
+from esft_lightning.routing.profile import RoutingProfile
+from esft_lightning.selection.rules import (
     ExpertConfig,
     SelectionShortfall,
     all_experts,
@@ -25,7 +26,7 @@ from esft_lightning.selection import (
     select_disjoint,
     select_experts,
 )
-from esft_lightning.selection_spec import SelectionSpec, decide
+from esft_lightning.selection.spec import SelectionSpec
 
 from .test_cli import quick_config
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from esft_lightning.cli import main
-from esft_lightning.esft_logs import read_esft_logs, round_scores
-from esft_lightning.selection import ExpertConfig, select_experts
+from esft_lightning.routing.esft_logs import read_esft_logs, round_scores
+from esft_lightning.selection.rules import ExpertConfig, select_experts
 
 from .conftest import ESFT_DATA
 

@@ -12,8 +12,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from esft_lightning import ESFTDataModule, ESFTModule
 from esft_lightning.callbacks import ExpertSelectionCallback, TaskEvalCallback
-from esft_lightning.data import Source
-from esft_lightning.evaluation import (
+from esft_lightning.data.sources import Source
+from esft_lightning.data.tokenizer import byte_tokenizer
+from esft_lightning.evaluation.evaluate import (
     ExactMatch,
     evaluate_set,
     exact_match,
@@ -23,7 +24,6 @@ from esft_lightning.evaluation import (
     sentence_bleu,
 )
 from esft_lightning.models import build_tiny_model
-from esft_lightning.tokenizer import byte_tokenizer
 
 from .conftest import chat, write_jsonl
 
@@ -154,9 +154,9 @@ def test_task_eval_callback_scores_the_final_model_without_validation(tmp_path):
 def test_esft_eval_applies_an_adapter(tmp_path):
     from esft_lightning.adapters import save_adapter
     from esft_lightning.cli import main
-    from esft_lightning.experts import apply_expert_config
+    from esft_lightning.experts.split import apply_expert_config
     from esft_lightning.resources import synthetic_data_path
-    from esft_lightning.selection import ExpertConfig
+    from esft_lightning.selection.rules import ExpertConfig
 
     model = ESFTModule(model="embedded").build_model()
     apply_expert_config(model, ExpertConfig(experts={layer: list(range(32)) for layer in range(4)}))
@@ -183,7 +183,7 @@ def test_esft_eval_sets_load_and_their_json_answers_match_reformatted(esft_data)
 
 
 def test_chat_eval_records_render_their_prompt_as_training_does(tmp_path):
-    from esft_lightning.evaluation import load_eval_set
+    from esft_lightning.evaluation.evaluate import load_eval_set
 
     messages = [
         {"role": "system", "content": " Be brief. "},

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from esft_lightning.distributed import FSDP2Strategy
-from esft_lightning.experts import apply_expert_config
+from esft_lightning.distributed.strategy import FSDP2Strategy
+from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.models import build_tiny_model, find_moe_layers
-from esft_lightning.selection import ExpertConfig
+from esft_lightning.selection.rules import ExpertConfig
 
 EP_FAMILIES = ["deepseek_v3", "qwen3_moe", "gpt_oss"]  # sigmoid / softmax routers, biased transposed experts
 
@@ -29,8 +29,8 @@ def _selection(model: torch.nn.Module) -> ExpertConfig:
 def _ep_rank(rank: int, world: int, ep: int, family: str, out: str) -> None:
     import torch.distributed as dist
 
-    from esft_lightning.expert_parallel import dispatch_combine, expert_parallel_mesh, localize_experts
-    from esft_lightning.experts_forward import TRAINED_PREFIX, _local_experts_forward
+    from esft_lightning.distributed.expert_parallel import dispatch_combine, expert_parallel_mesh, localize_experts
+    from esft_lightning.experts.forward import TRAINED_PREFIX, _local_experts_forward
 
     os.environ.update(MASTER_ADDR="127.0.0.1")
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
@@ -104,7 +104,7 @@ def test_expert_parallel_size_must_divide_the_ranks_and_the_experts(tmp_path):
         FSDP2Strategy(expert_parallel_size=0)
     strategy = FSDP2Strategy(expert_parallel_size=3)
     assert strategy.expert_parallel_size == 3
-    from esft_lightning.expert_parallel import expert_parallel_mesh, localize_experts
+    from esft_lightning.distributed.expert_parallel import expert_parallel_mesh, localize_experts
 
     with pytest.raises(ValueError, match="expert_parallel_size=3 does not divide the 4 ranks"):
         expert_parallel_mesh("cpu", 4, 3)

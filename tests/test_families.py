@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from esft_lightning.adapters import load_adapter, save_adapter
-from esft_lightning.experts import apply_expert_config
-from esft_lightning.experts_forward import expert_param_names
+from esft_lightning.experts.forward import expert_param_names
+from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.models import (
     FAMILIES,
     VERIFIED,
@@ -15,8 +15,8 @@ from esft_lightning.models import (
     find_moe_layers,
     get_family,
 )
-from esft_lightning.routing import profile_routing
-from esft_lightning.selection import ExpertConfig
+from esft_lightning.routing.profile import profile_routing
+from esft_lightning.selection.rules import ExpertConfig
 
 ALL = causal_lm_moe_families()
 REFUSED = [f for f in ALL if f in FAMILIES and FAMILIES[f].unsupported]
@@ -200,7 +200,7 @@ def test_docs_table_lists_what_the_code_supports():
     if documented_version != transformers.__version__:
         pytest.skip(f"docs/families.md was generated with transformers {documented_version}")
     rows = dict(re.findall(r"^\| `(\w+)` \| (supported|refused|unverified) \|", text, re.MULTILINE))
-    stale = "docs/families.md is stale: python -m esft_lightning.models --markdown > docs/families.md"
+    stale = "docs/families.md is stale: python -m esft_lightning.analysis.families --markdown > docs/families.md"
     assert sorted(rows) == list(ALL), stale
     assert sorted(f for f, s in rows.items() if s == "supported") == SUPPORTED, stale
     assert set(REFUSED) <= {f for f, s in rows.items() if s == "refused"}, stale

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from esft_lightning.experts import FP8, apply_expert_config, remove_expert_split
-from esft_lightning.experts_forward import expert_param_names
-from esft_lightning.fp8_experts import SCALE_SUFFIX, dequantize_experts, quantize_experts
+from esft_lightning.experts.forward import expert_param_names
+from esft_lightning.experts.fp8 import SCALE_SUFFIX, dequantize_experts, quantize_experts
+from esft_lightning.experts.split import FP8, apply_expert_config, remove_expert_split
 from esft_lightning.models import build_tiny_model, find_moe_layers
-from esft_lightning.selection import ExpertConfig
-from esft_lightning.selection_spec import SelectionSpec
+from esft_lightning.selection.rules import ExpertConfig
+from esft_lightning.selection.spec import SelectionSpec
 
 FAMILIES = ["deepseek_v3", "qwen3_moe", "gpt_oss", "mixtral"]  # shared experts, plain, transposed + biases, renamed
 
@@ -140,7 +140,7 @@ def test_the_callback_keeps_frozen_experts_8bit_and_the_checkpoint_says_so(tmp_p
 
 
 def test_spec_rejects_an_unknown_frozen_dtype():
-    from esft_lightning.selection_spec import SelectionSpec
+    from esft_lightning.selection.spec import SelectionSpec
 
     with pytest.raises(ValueError, match="frozen_experts_dtype must be model or float8, got 'int4'"):
         SelectionSpec(frozen_experts_dtype="int4")
@@ -153,10 +153,10 @@ def _rank_fills_8bit_shards(rank: int, world: int, path: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    from esft_lightning.distributed import shard_model
+    from esft_lightning.distributed.fsdp import shard_model
     from esft_lightning.dtensors import full_on_host
-    from esft_lightning.models.loading import load_model
-    from esft_lightning.weight_files import WeightFiles
+    from esft_lightning.weights.loading import load_model
+    from esft_lightning.weights.weight_files import WeightFiles
 
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
@@ -177,7 +177,7 @@ def _rank_fills_8bit_shards(rank: int, world: int, path: str, out: str) -> None:
 def test_fsdp2_ranks_quantize_their_own_rows_from_the_files(tmp_path):
     import torch.multiprocessing as mp
 
-    from esft_lightning.models.loading import load_model
+    from esft_lightning.weights.loading import load_model
 
     path = tmp_path / "model"
     build_tiny_model("deepseek_v3", seed=0).save_pretrained(path, max_shard_size="200KB")
@@ -202,7 +202,7 @@ def test_two_rank_fit_with_8bit_frozen_experts_trains_and_merges_the_model(tmp_p
     frozen expert as its FP8 value in the model's dtype and the selected experts trained."""
     import yaml
 
-    from esft_lightning.models.loading import load_model
+    from esft_lightning.weights.loading import load_model
 
     from .conftest import REPO
     from .test_cli import quick_config
@@ -239,7 +239,7 @@ def test_two_rank_fit_with_8bit_frozen_experts_trains_and_merges_the_model(tmp_p
 
 
 def test_the_planner_counts_8bit_frozen_experts():
-    from esft_lightning.planning import PlanRequest, plan_memory
+    from esft_lightning.planning.plan import PlanRequest, plan_memory
 
     def plan(frozen: str):
         with torch.device("meta"):

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from esft_lightning.selection import ExpertConfig
+from esft_lightning.selection.rules import ExpertConfig
 
 from .conftest import REPO
 from .test_cli import quick_config

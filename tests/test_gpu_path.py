@@ -10,12 +10,13 @@ from lightning.pytorch.strategies import DDPStrategy
 from esft_lightning import ESFTDataModule, ESFTModule, Source
 from esft_lightning.callbacks import ExpertSelectionCallback
 from esft_lightning.cli import main
-from esft_lightning.data import gradient_accumulation
-from esft_lightning.distributed import FSDP2Strategy, allow_unused_experts_under_ddp, shard_model
+from esft_lightning.data.packing import gradient_accumulation
+from esft_lightning.distributed.fsdp import shard_model
+from esft_lightning.distributed.strategy import FSDP2Strategy, allow_unused_experts_under_ddp
 from esft_lightning.models import build_tiny_model
-from esft_lightning.placement import placed_for_profiling
-from esft_lightning.routing import profile_routing
-from esft_lightning.selection import ExpertConfig
+from esft_lightning.routing.placement import placed_for_profiling
+from esft_lightning.routing.profile import profile_routing
+from esft_lightning.selection.rules import ExpertConfig
 
 from .conftest import chat, write_jsonl
 from .test_cli import fit_one_step, quick_config, quiet_trainer

@@ -17,9 +17,9 @@ from esft_lightning.analysis import (
     grouped_routing,
     select_expert_groups,
 )
-from esft_lightning.experts import apply_expert_config
+from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.models import build_tiny_model, find_moe_layers
-from esft_lightning.routing import affinities, profile_routing
+from esft_lightning.routing.profile import affinities, profile_routing
 
 # Sigmoid routing with a choice bias and group-limited top-k (DeepSeek-V3), softmax with top-k renormalisation
 # (Qwen3-MoE), softmax without (OLMoE), and a router that renormalises with no flag saying so (Mixtral).
@@ -266,7 +266,7 @@ def test_counts_add_up_over_batches():
 
 def test_granularity_rows_structure(tmp_path):
     """The runner end to end on a tiny model, one step per run: one row per (G, method, seed) with its costs."""
-    from esft_lightning import synthetic
+    from esft_lightning.data import synthetic
     from esft_lightning.analysis import granularity_rows, summarise_granularity
 
     model = build_tiny_model("qwen3_moe", vocab_size=259)

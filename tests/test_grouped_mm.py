@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from esft_lightning.experts import apply_expert_config
-from esft_lightning.experts_forward import grouped_mm_supported
+from esft_lightning.experts.forward import grouped_mm_supported
+from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.models import build_tiny_model
 
 from .test_experts import batch, selection
@@ -35,7 +35,7 @@ def test_grouped_mm_decision_mirrors_transformers(facts, usable):
 
 @pytest.mark.parametrize("patch", ["old_torch", "old_gpu"])
 def test_split_falls_back_to_the_loop_where_grouped_mm_cannot_run(patch, monkeypatch):
-    import esft_lightning.experts_forward as experts_forward
+    import esft_lightning.experts.forward as experts_forward
 
     model = build_tiny_model("gpt_oss")
     ids = batch()

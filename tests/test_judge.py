@@ -20,11 +20,11 @@ from lightning.pytorch.loggers import CSVLogger
 
 from esft_lightning import ESFTDataModule, ESFTModule
 from esft_lightning.callbacks import ExpertSelectionCallback, TaskEvalCallback
-from esft_lightning.data import Source
-from esft_lightning.evaluation import evaluate_set, load_eval_set, score
-from esft_lightning.judge import Judge, JudgeConfig, JudgeError, judge_messages, judge_task_for, parse_score
+from esft_lightning.data.sources import Source
+from esft_lightning.data.tokenizer import byte_tokenizer
+from esft_lightning.evaluation.evaluate import evaluate_set, load_eval_set, score
+from esft_lightning.evaluation.judge import Judge, JudgeConfig, JudgeError, judge_messages, judge_task_for, parse_score
 from esft_lightning.models import build_tiny_model
-from esft_lightning.tokenizer import byte_tokenizer
 
 from .conftest import REPO, chat, write_jsonl
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from esft_lightning import ESFTModule
-from esft_lightning.experts import apply_expert_config
-from esft_lightning.selection import ExpertConfig
+from esft_lightning.experts.split import apply_expert_config
+from esft_lightning.selection.rules import ExpertConfig
 
 
 def batch():

@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader
 
 from esft_lightning import ESFTDataModule, Source
 from esft_lightning.callbacks import ExpertSelectionCallback, RoutingDriftCallback, TaskEvalCallback
-from esft_lightning.experts import is_trained_copy
+from esft_lightning.data.tokenizer import byte_tokenizer
+from esft_lightning.experts.split import is_trained_copy
 from esft_lightning.models import build_tiny_model, find_moe_layers
 from esft_lightning.resources import pretrained_path, synthetic_data_path
-from esft_lightning.selection import ExpertConfig
-from esft_lightning.tokenizer import byte_tokenizer
+from esft_lightning.selection.rules import ExpertConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "own_module.py"

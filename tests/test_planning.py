@@ -13,7 +13,7 @@ import yaml
 from esft_lightning import ESFTModule
 from esft_lightning.cli import MemoryPlanError, main, parse_config, plan_inputs
 from esft_lightning.models import find_moe_layers
-from esft_lightning.planning import (
+from esft_lightning.planning.plan import (
     HEADROOM,
     GiB,
     PlanRequest,
@@ -23,8 +23,8 @@ from esft_lightning.planning import (
     plan_memory,
     selection_bound,
 )
-from esft_lightning.selection import ExpertConfig
-from esft_lightning.selection_spec import SelectionSpec
+from esft_lightning.selection.rules import ExpertConfig
+from esft_lightning.selection.spec import SelectionSpec
 
 from .conftest import REPO
 from .test_cli import quick_config
@@ -121,7 +121,7 @@ def _peak_bytes(model, ids) -> int:
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_activation_estimate_covers_measured_peak(checkpointing):
     from esft_lightning.models import build_tiny_model, enable_activation_checkpointing
-    from esft_lightning.selection_spec import apply
+    from esft_lightning.pipeline import apply
 
     model = build_tiny_model(
         "deepseek_v3", hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,

@@ -9,10 +9,10 @@ import torch
 
 from esft_lightning import ESFTModule
 from esft_lightning.cli import main
+from esft_lightning.data.templates import tokenize_messages
 from esft_lightning.models import build_tiny_model
 from esft_lightning.resources import pretrained_path, synthetic_data_path
 from esft_lightning.resources.pretrain import FAMILY, MODEL_CONFIG, batches, pretrain
-from esft_lightning.sources import tokenize_messages
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from esft_lightning.readers import read_records
-from esft_lightning.selection import ExpertConfig
-from esft_lightning.sources import IGNORE_INDEX, DataError
-from esft_lightning.templates import encode_records, tokenize_messages
-from esft_lightning.tokenizer import byte_tokenizer
+from esft_lightning.data.constants import IGNORE_INDEX, DataError
+from esft_lightning.data.readers import read_records
+from esft_lightning.data.templates import encode_records, tokenize_messages
+from esft_lightning.data.tokenizer import byte_tokenizer
+from esft_lightning.selection.rules import ExpertConfig
 
 # Hypothesis keeps caches in ./.hypothesis: the suite must leave the checkout as it found it.
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="esft-hypothesis-"))

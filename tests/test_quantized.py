@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from esft_lightning.models import build_tiny_model
-from esft_lightning.models.loading import load_model
-from esft_lightning.quantized import dequantize_fp8_rows, quantize_fp8_blocks, quantize_mxfp4
-from esft_lightning.weight_files import UnusedWeightsError, WeightFiles
+from esft_lightning.weights.loading import load_model
+from esft_lightning.weights.quantized import dequantize_fp8_rows, quantize_fp8_blocks, quantize_mxfp4
+from esft_lightning.weights.weight_files import UnusedWeightsError, WeightFiles
 
 BLOCK = (24, 20)  # tiny shapes (64, 32, 128, ...) end in partial blocks in both dimensions
 
@@ -215,8 +215,8 @@ SELECTIONS = {"deepseek_v3-fp8": {1: [0, 5, 6], 2: [3]}, "gpt_oss-mxfp4": {0: [0
 def test_fsdp2_ranks_and_expert_parallel_owners_read_the_dequantized_rows(tmp_path, make, request):
     import torch.multiprocessing as mp
 
-    from esft_lightning.experts import apply_expert_config
-    from esft_lightning.selection import ExpertConfig
+    from esft_lightning.experts.split import apply_expert_config
+    from esft_lightning.selection.rules import ExpertConfig
 
     from .test_sharded_loading import _rank_fills_its_shards
 
@@ -265,7 +265,7 @@ def test_two_rank_fit_from_quantized_files_trains_the_dequantized_model(tmp_path
 
     from esft_lightning.adapters import merge_adapter
     from esft_lightning.models import find_moe_layers
-    from esft_lightning.selection import ExpertConfig
+    from esft_lightning.selection.rules import ExpertConfig
 
     from .conftest import REPO
     from .test_cli import quick_config
@@ -313,8 +313,8 @@ def test_two_rank_fit_from_quantized_files_trains_the_dequantized_model(tmp_path
 @pytest.mark.parametrize("make", [fp8_checkpoint, mxfp4_checkpoint], ids=["deepseek_v3-fp8", "gpt_oss-mxfp4"])
 def test_merge_writes_bf16_or_the_base_format_with_only_the_trained_experts_requantized(tmp_path, make, request):
     from esft_lightning.adapters import merge_adapter, save_adapter
-    from esft_lightning.experts import apply_expert_config
-    from esft_lightning.selection import ExpertConfig
+    from esft_lightning.experts.split import apply_expert_config
+    from esft_lightning.selection.rules import ExpertConfig
 
     path = make(tmp_path / "model")
     model = load_model(str(path), dtype="float32")
@@ -362,7 +362,7 @@ def test_plan_says_what_the_files_hold_and_what_training_holds(tmp_path, make, c
     import shutil
 
     from esft_lightning.cli import main
-    from esft_lightning.stored_weights import stored_weights
+    from esft_lightning.planning.stored_weights import stored_weights
 
     from .test_cli import quick_config
 

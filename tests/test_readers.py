@@ -8,11 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from esft_lightning.data import ESFTDataModule, Source
-from esft_lightning.readers import read_records
-from esft_lightning.sources import IGNORE_INDEX, DataError, tokenize_source
-from esft_lightning.templates import encode_records
-from esft_lightning.tokenizer import byte_tokenizer
+from esft_lightning.data.constants import IGNORE_INDEX, DataError
+from esft_lightning.data.datamodule import ESFTDataModule
+from esft_lightning.data.readers import read_records
+from esft_lightning.data.sources import Source, tokenize_source
+from esft_lightning.data.templates import encode_records
+from esft_lightning.data.tokenizer import byte_tokenizer
 
 from .conftest import chat, write_jsonl
 

@@ -170,9 +170,9 @@ def test_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one(tmp_p
 )
 def test_failed_adapter_write_names_the_path_and_keeps_the_previous_adapter(tmp_path, monkeypatch, error):
     import esft_lightning.adapters as adapters
-    from esft_lightning.experts import apply_expert_config
+    from esft_lightning.experts.split import apply_expert_config
     from esft_lightning.models import build_tiny_model
-    from esft_lightning.selection import ExpertConfig
+    from esft_lightning.selection.rules import ExpertConfig
 
     model = build_tiny_model("qwen3_moe")
     apply_expert_config(model, ExpertConfig({0: [1, 2]}))

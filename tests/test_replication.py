@@ -18,8 +18,8 @@ from replication import experiments, report  # noqa: E402
 from replication.data import new_tokens  # noqa: E402
 from replication.methods import LR_GRID, SWEPT  # noqa: E402
 
-from esft_lightning import synthetic  # noqa: E402
-from esft_lightning.selection import ExpertConfig  # noqa: E402
+from esft_lightning.data import synthetic  # noqa: E402
+from esft_lightning.selection.rules import ExpertConfig  # noqa: E402
 
 GRANULARITY_KEYS = {"group_size", "method", "task_em", "general_em", "trained_experts", "trained_params"}
 

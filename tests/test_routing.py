@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from esft_lightning.models import build_tiny_model, find_moe_layers
-from esft_lightning.routing import affinities, infer_scoring, profile_routing
+from esft_lightning.routing.profile import affinities, infer_scoring, profile_routing
 
 from .conftest import FAMILIES
 

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from esft_lightning import ESFTDataModule, ESFTModule
 from esft_lightning.callbacks import ExpertSelectionCallback, RoutingDriftCallback
 from esft_lightning.callbacks.routing_drift import js_divergence
-from esft_lightning.data import Source
+from esft_lightning.data.sources import Source
 
 from .conftest import chat, write_jsonl
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from esft_lightning.callbacks import ExpertSelectionCallback
-from esft_lightning.cli import configured_spec
+from esft_lightning.cli.profile_select import configured_spec
 from esft_lightning.models import build_tiny_model, find_moe_layers
-from esft_lightning.routing import profile_routing
-from esft_lightning.selection_spec import SelectionSpec, apply, decide, selection_entry
+from esft_lightning.pipeline import apply, decide, selection_entry
+from esft_lightning.routing.profile import profile_routing
+from esft_lightning.selection.spec import SelectionSpec
 
 
 def padded_batches():

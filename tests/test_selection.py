@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from esft_lightning.selection import ExpertConfig, all_experts, random_experts, select_experts
+from esft_lightning.selection.rules import ExpertConfig, all_experts, random_experts, select_experts
 
 
 def test_reproduces_published_esft_configs(esft_data):

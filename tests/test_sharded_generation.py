@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from esft_lightning.evaluation import evaluate_set
+from esft_lightning.data.tokenizer import byte_tokenizer
+from esft_lightning.distributed.sharded_generation import MemoryReport, sharded_generation, unshard_fits
+from esft_lightning.evaluation.evaluate import evaluate_set
 from esft_lightning.models import build_tiny_model
-from esft_lightning.sharded_generation import MemoryReport, sharded_generation, unshard_fits
-from esft_lightning.tokenizer import byte_tokenizer
 
 PROMPTS = [f"User: question {i}\n\nAssistant:" for i in range(6)]  # equal lengths: no padding in any batch
 SAMPLES = [{"prompt": p, "answers": ["x"]} for p in PROMPTS]
@@ -85,8 +85,8 @@ def _sharded_checks(world: int) -> dict:
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
     from torch.distributed.tensor import DTensor
 
-    from esft_lightning import sharded_generation as sg
-    from esft_lightning.distributed import shard_model
+    from esft_lightning.distributed import sharded_generation as sg
+    from esft_lightning.distributed.fsdp import shard_model
 
     gathers = [0]  # FSDP all-gathers (one per module unshard), counted where FSDP issues them
     original = _fsdp_param_group.foreach_all_gather

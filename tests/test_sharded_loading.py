@@ -11,13 +11,14 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from esft_lightning.experts import apply_expert_config
+from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.models import build_tiny_model
-from esft_lightning.models.loading import load_model
-from esft_lightning.selection import ExpertConfig
-from esft_lightning.selection_spec import SelectionSpec, decide
-from esft_lightning.sharded_loading import on_meta
-from esft_lightning.weight_files import SafetensorsFile, WeightFiles, has_safetensors
+from esft_lightning.pipeline import decide
+from esft_lightning.selection.rules import ExpertConfig
+from esft_lightning.selection.spec import SelectionSpec
+from esft_lightning.weights.loading import load_model
+from esft_lightning.weights.sharded_loading import on_meta
+from esft_lightning.weights.weight_files import SafetensorsFile, WeightFiles, has_safetensors
 
 SHARD_FAMILIES = ["deepseek_v3", "qwen3_moe", "gpt_oss", "mixtral"]  # per-expert, fused, renamed checkpoints
 
@@ -99,9 +100,9 @@ def _rank_fills_its_shards(rank: int, world: int, path: str, out: str, expert_pa
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from esft_lightning.distributed import shard_model
+    from esft_lightning.distributed.expert_parallel import expert_parallel_mesh, localize_experts
+    from esft_lightning.distributed.fsdp import shard_model
     from esft_lightning.dtensors import full_on_host
-    from esft_lightning.expert_parallel import expert_parallel_mesh, localize_experts
 
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from esft_lightning import synthetic
+from esft_lightning.data import synthetic
+from esft_lightning.data.templates import tokenize_messages
+from esft_lightning.data.tokenizer import byte_tokenizer
 from esft_lightning.resources.make_synthetic_data import write_all
-from esft_lightning.sources import tokenize_messages
-from esft_lightning.tokenizer import byte_tokenizer
 
 
 def test_every_domain_is_deterministic_per_seed_and_split():

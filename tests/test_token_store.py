@@ -13,13 +13,14 @@ import textwrap
 import numpy as np
 import pytest
 
-from esft_lightning.data import ESFTDataModule, Source
-from esft_lightning.packing import has_target, pack_sequences
-from esft_lightning.readers import read_records
-from esft_lightning.sources import DataError, tokenize_source
-from esft_lightning.templates import encode_records
-from esft_lightning.tokenizer import byte_tokenizer
-from esft_lightning.windows import Mixed
+from esft_lightning.data.constants import DataError
+from esft_lightning.data.datamodule import ESFTDataModule
+from esft_lightning.data.packing import has_target, pack_sequences
+from esft_lightning.data.readers import read_records
+from esft_lightning.data.sources import Source, tokenize_source
+from esft_lightning.data.templates import encode_records
+from esft_lightning.data.tokenizer import byte_tokenizer
+from esft_lightning.data.windows import Mixed
 
 from .conftest import REPO, chat, write_jsonl
 
@@ -176,7 +177,7 @@ def test_datamodule_takes_a_tokenizer_object_or_its_directory(tmp_path):
 
 
 def test_a_failed_or_killed_build_leaves_no_store(tmp_path, monkeypatch):
-    import esft_lightning.sources as sources
+    import esft_lightning.data.sources as sources
 
     path = write_jsonl(tmp_path / "v.jsonl", varied_records(1200))
     calls = []
@@ -212,8 +213,8 @@ def test_two_processes_tokenize_once_and_map_the_same_store(tmp_path):
         textwrap.dedent(
             f"""
             import os, sys, time, hashlib
-            import esft_lightning.sources as sources
-            from esft_lightning.data import ESFTDataModule, Source
+            import esft_lightning.data.sources as sources
+            from esft_lightning.data.datamodule import ESFTDataModule, Source
 
             encode = sources.encode_records
             def counted(batch, *args):

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from esft_lightning import synthetic
-from esft_lightning.data import ESFTDataModule, Source
-from esft_lightning.evaluation import EvalSample, evaluate_set, load_eval_set
+from esft_lightning.data import synthetic
+from esft_lightning.data.datamodule import ESFTDataModule
+from esft_lightning.data.sources import Source
+from esft_lightning.data.tokenizer import byte_tokenizer
+from esft_lightning.evaluation.evaluate import EvalSample, evaluate_set, load_eval_set
 from esft_lightning.resources import pretrained_path
-from esft_lightning.routing import RoutingProfile, profile_routing
-from esft_lightning.tokenizer import byte_tokenizer
+from esft_lightning.routing.profile import RoutingProfile, profile_routing
 
 DEFAULT_TASKS = ("lexicon", "cipher")
 """Two new tasks: ``lexicon`` (word-for-word translation into a made-up language) and ``cipher`` (a fixed letter

@@ -11,8 +11,8 @@ from typing import Any
 
 from esft_lightning.adapters import load_adapters
 from esft_lightning.callbacks.routing_drift import general_dataloader
-from esft_lightning.routing import RoutingProfile
-from esft_lightning.selection import ExpertConfig, select_disjoint, select_experts
+from esft_lightning.routing.profile import RoutingProfile
+from esft_lightning.selection.rules import ExpertConfig, select_disjoint, select_experts
 
 from .data import TaskData, base_model, evaluate, make_data, profile
 from .methods import BORROWS, LR_GRID, SHARED, SWEPT, fit, has_shared_experts, score_run

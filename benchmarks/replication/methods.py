@@ -16,10 +16,10 @@ from esft_lightning.adapters import save_adapter
 from esft_lightning.analysis.granularity_run import forever  # one training loop for both
 from esft_lightning.analysis.granularity_run import train_steps as train
 from esft_lightning.callbacks.routing_drift import general_dataloader, layer_drift
-from esft_lightning.experts import apply_expert_config
+from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.models import find_moe_layers
-from esft_lightning.routing import RoutingProfile
-from esft_lightning.selection import ExpertConfig, no_experts, random_experts
+from esft_lightning.routing.profile import RoutingProfile
+from esft_lightning.selection.rules import ExpertConfig, no_experts, random_experts
 
 from .data import TaskData, base_model, evaluate, profile
 

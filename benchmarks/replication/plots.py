@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
-from esft_lightning import synthetic
-from esft_lightning.data import ESFTDataModule, Source
+from esft_lightning.data import synthetic
+from esft_lightning.data.datamodule import ESFTDataModule
+from esft_lightning.data.sources import Source
+from esft_lightning.data.tokenizer import byte_tokenizer
 from esft_lightning.models import find_moe_layers
-from esft_lightning.selection import select_experts
-from esft_lightning.tokenizer import byte_tokenizer
+from esft_lightning.selection.rules import select_experts
 
 from .data import base_model, profile
 from .experiments import jaccard

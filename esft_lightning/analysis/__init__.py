@@ -1,4 +1,4 @@
-"""Analyses beyond training: expert granularity (coarser experts simulated by grouping, paper §6.4)."""
+"""Analyses beyond training: expert granularity (coarser experts simulated by grouping, paper §6.4), families table."""
 
 from .granularity import (
     ExpertGroups,

@@ -21,8 +21,8 @@ from torch import nn
 
 from ..models import MoELayer, find_moe_layers
 from ..models.routing_rule import topk_weighting
-from ..routing import affinities, infer_scoring
-from ..selection import ExpertConfig, Scores, select_experts
+from ..routing.profile import affinities, infer_scoring
+from ..selection.rules import ExpertConfig, Scores, select_experts
 
 ExpertGroups = dict[int, list[list[int]]]
 """decoder-layer index -> groups, each a sorted list of expert ids; every expert in exactly one group."""

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import ESFTDataModule, Source
-from ..evaluation import EvalSample, evaluate_set, load_eval_set
-from ..experts import apply_expert_config
+from ..data.datamodule import ESFTDataModule
+from ..data.sources import Source
+from ..evaluation.evaluate import EvalSample, evaluate_set, load_eval_set
+from ..experts.split import apply_expert_config
 from ..models import find_moe_layers
-from ..models.loading import load_model, load_tokenizer
-from ..routing import profile_routing
+from ..routing.profile import profile_routing
+from ..weights.loading import load_model, load_tokenizer
 from .granularity import check_group_size, count_cooccurrence, expert_groups, grouped_routing, select_expert_groups
 
 __all__ = ["GRANULARITY_METHODS", "granularity_rows", "summarise_granularity"]

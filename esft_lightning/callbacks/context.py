@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from esft_lightning.models import find_moe_model
-from esft_lightning.sources import Source
-from esft_lightning.templates import Template
-from esft_lightning.tokenizer import as_tokenizer
+from ..data.sources import Source
+from ..data.templates import Template
+from ..data.tokenizer import as_tokenizer
+from ..models import find_moe_model
 
 __all__ = ["find_tokenizer", "moe_model", "profiling_batches", "as_sources"]
 
@@ -91,7 +91,7 @@ def profiling_batches(
     if datamodule is not None and hasattr(datamodule, "task_dataloader"):
         return datamodule.task_dataloader(batch_size, shard=shard)
     if profile_data:
-        from esft_lightning.data import ESFTDataModule
+        from ..data.datamodule import ESFTDataModule
 
         data = ESFTDataModule(
             task=list(profile_data),

@@ -13,29 +13,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from esft_lightning.adapters import save_adapter
-from esft_lightning.distributed import allow_unused_experts_under_ddp, is_fsdp2, save_pretrained_merged
-from esft_lightning.experts import trainable_summary
-from esft_lightning.files import atomic_write_text
-from esft_lightning.models import find_moe_model
-from esft_lightning.placement import Placement
-from esft_lightning.plots import routing_heatmap
-from esft_lightning.routing import RoutingProfile, ScoreAveraging
-from esft_lightning.selection import ExpertConfig
-from esft_lightning.selection_spec import (
-    Decision,
-    FrozenExpertsDtype,
-    ScoreFunction,
-    SelectionSpec,
-    apply,
-    decide,
-    read_checkpoint_selection,
-    restore,
-    selection_entry,
-)
-from esft_lightning.sources import Source
-from esft_lightning.templates import Template
-
+from ..adapters import save_adapter
+from ..data.sources import Source
+from ..data.templates import Template
+from ..distributed.fsdp import save_pretrained_merged
+from ..distributed.strategy import allow_unused_experts_under_ddp, is_fsdp2
+from ..experts.split import trainable_summary
+from ..files import atomic_write_text
+from ..models import find_moe_model
+from ..pipeline import Decision, apply, decide, read_checkpoint_selection, restore, selection_entry
+from ..routing.placement import Placement
+from ..routing.profile import RoutingProfile, ScoreAveraging
+from ..selection.heatmap import routing_heatmap
+from ..selection.rules import ExpertConfig
+from ..selection.spec import FrozenExpertsDtype, ScoreFunction, SelectionSpec
 from .context import as_sources, moe_model, profiling_batches
 
 

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from esft_lightning.dtensors import local_shard
+from ..dtensors import local_shard
 
 
 class NonFiniteLossError(RuntimeError):

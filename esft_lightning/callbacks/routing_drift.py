@@ -10,9 +10,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from esft_lightning.routing import profile_routing
-from esft_lightning.sources import Source
-
+from ..data.sources import Source
+from ..routing.profile import profile_routing
 from .context import as_sources, moe_model, profiling_batches
 
 
@@ -37,8 +36,8 @@ def general_dataloader(
     datamodule: L.LightningDataModule, batch_size: int | None = None, shard: bool = True
 ) -> DataLoader:
     """The general-data training sequences (no task data) in a fixed order, like ``task_dataloader``."""
-    from esft_lightning.data import SequenceDataset
-    from esft_lightning.windows import Mixed
+    from ..data.packing import SequenceDataset
+    from ..data.windows import Mixed
 
     if not datamodule.train_sequences:
         datamodule.setup("fit")

@@ -11,11 +11,10 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
-from esft_lightning.evaluation import EvalSample, evaluate_set, load_eval_set
-from esft_lightning.files import atomic_write_text
-from esft_lightning.judge import JUDGE_TASKS, Judge, JudgeConfig, judge_task_for
-from esft_lightning.sharded_generation import UnshardPolicy, sharded_generation
-
+from ..distributed.sharded_generation import UnshardPolicy, sharded_generation
+from ..evaluation.evaluate import EvalSample, evaluate_set, load_eval_set
+from ..evaluation.judge import JUDGE_TASKS, Judge, JudgeConfig, judge_task_for
+from ..files import atomic_write_text
 from .context import find_tokenizer, moe_model
 
 
@@ -43,8 +42,8 @@ class TaskEvalCallback(L.Callback):
             MoE models (default: the one found by structure).
         fsdp_unshard: under FSDP2, ``auto`` gathers the whole model once per evaluation when it fits the
             device's free memory (no all-gather per new token) and else gathers per layer at every forward;
-            ``always``/``never`` skip the memory check. See ``esft_lightning.sharded_generation``.
-        judge: an LLM judge (any OpenAI-compatible chat endpoint, see ``esft_lightning.judge.JudgeConfig``) that
+            ``always``/``never`` skip the memory check. See ``esft_lightning.distributed.sharded_generation``.
+        judge: an LLM judge (any OpenAI-compatible chat endpoint, see ``esft_lightning.evaluation.JudgeConfig``) that
             rates each prediction 0-10 against its reference: ``eval/<name>/judge`` is the mean / 10, the ESFT
             paper's metric for summary, law and translation. None (default): no judge, chrF and the rest only.
             Scores are cached on disk, so re-evaluating unchanged predictions sends no request.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..synthetic import GENERAL_DOMAINS, TASK_DOMAINS, chat_records, eval_records, mixed_records, write_jsonl
+from ..data.synthetic import GENERAL_DOMAINS, TASK_DOMAINS, chat_records, eval_records, mixed_records, write_jsonl
 
 OUT = Path(__file__).parent / "synthetic"
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ..data.synthetic import GENERAL_DOMAINS, chat_text, pairs
+from ..data.tokenizer import byte_tokenizer
 from ..files import atomic_write_dir
 from ..models import build_tiny_model
-from ..synthetic import GENERAL_DOMAINS, chat_text, pairs
-from ..tokenizer import byte_tokenizer
 
 OUT = Path(__file__).parent / "pretrained"
 FAMILY = "qwen3_moe"

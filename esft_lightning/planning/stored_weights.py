@@ -1,0 +1,82 @@
+"""What a model's files hold versus what training holds in memory: bytes per storage format, for `esft plan`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import decoder_layers, find_moe_layers
+from ..weights.quantized import QuantizationScheme, read_quantization
+from ..weights.weight_files import SafetensorsFile, has_safetensors
+
+__all__ = ["StoredWeights", "stored_weights"]
+
+
+@dataclass
+class StoredWeights:
+    """The checkpoint's format and size beside the weights' size in the training dtype."""
+
+    format: str
+    file_bytes: int
+    exact: bool
+    """True: summed from the safetensors headers; False: estimated from the config (no files here)."""
+    memory_bytes: int
+    """All parameters in the dtype the run loads them in (quantized files are dequantized into it)."""
+    memory_dtype: str
+
+    def describe(self) -> str:
+        how = "in the files" if self.exact else "estimated from config.json (no files here)"
+        ratio = self.memory_bytes / self.file_bytes if self.file_bytes else float("nan")
+        return (
+            f"checkpoint: {self.format}, {self.file_bytes / 2**30:.2f} GiB {how}; training holds the weights in "
+            f"{self.memory_dtype}: {self.memory_bytes / 2**30:.2f} GiB in all ({ratio:.2f}x the files)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stored_weights(directory: str | Path | None, meta_model: nn.Module) -> StoredWeights:
+    """The files' bytes (exact from the headers when the directory has safetensors files, else estimated from the
+    config's quantization) next to ``meta_model``'s parameter bytes."""
+    params = list(meta_model.parameters())
+    memory = sum(p.numel() * p.element_size() for p in params)
+    dtype = str(params[0].dtype).removeprefix("torch.") if params else "-"
+    scheme = read_quantization(directory)
+    described = scheme.describe() if scheme else "plain"
+    if directory is not None and has_safetensors(directory):
+        files = sorted(Path(directory).glob("*.safetensors"))
+        stored = sum(SafetensorsFile(f).data_bytes() for f in files)
+        return StoredWeights(described, stored, True, memory, dtype)
+    config_dtype = getattr(meta_model.config, "dtype", None)
+    stored_dtype = config_dtype if isinstance(config_dtype, torch.dtype) else torch.bfloat16
+    return StoredWeights(described, _estimate(meta_model, scheme, stored_dtype), False, memory, dtype)
+
+
+def _estimate(model: nn.Module, scheme: QuantizationScheme | None, plain: torch.dtype) -> int:
+    """Bytes of the files as the published quantized checkpoints lay them out: block FP8 for every decoder matrix
+    but the routers (1 byte a value + a float32 scale per block), MXFP4 for routed experts (4.25 bits a value),
+    everything else in the config's dtype."""
+    plain_size = torch.empty((), dtype=plain).element_size()
+    layers = find_moe_layers(model)
+    routers = {id(p) for layer in layers if layer.router is not None for p in layer.router.parameters()}
+    experts = {id(p) for layer in layers for p in layer.experts.parameters()}
+    in_layers = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+    total = 0
+    for p in model.parameters():
+        matrix = p.dim() >= 2 and id(p) in in_layers and id(p) not in routers
+        if scheme is not None and scheme.method == "fp8" and matrix:
+            rows, cols = p.shape[-2], p.shape[-1]
+            count = p.numel() // (rows * cols)  # one tensor per expert for fused experts
+            blocks = math.ceil(rows / scheme.block_size[0]) * math.ceil(cols / scheme.block_size[1])
+            total += p.numel() + 4 * blocks * count
+        elif scheme is not None and scheme.method == "mxfp4" and id(p) in experts and p.dim() == 3:
+            total += p.numel() // 2 + p.numel() // 32
+        else:
+            total += p.numel() * plain_size
+    return total
