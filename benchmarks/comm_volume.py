@@ -182,10 +182,11 @@ def computed(
     ``reduce_bytes`` (default: the parameter's own dtype). Shards are padded to ceil(rows / ranks) rows, as FSDP2
     pads them. The token all-to-alls assume routing balanced over the ranks ((N-1)/N of the pairs leave the rank).
     """
+    from esft_lightning.experts.state import expert_config_of
     from esft_lightning.models import decoder_layers, find_moe_layers
 
     moe = {layer.index: layer for layer in find_moe_layers(model)}
-    config = getattr(model, "esft_expert_config", None)
+    config = expert_config_of(model)
     local_rows: dict[int, int] = {}  # routed-expert tensors -> this rank's rows under expert parallelism
     for index, layer in moe.items():
         count = layer.num_experts // expert_parallel

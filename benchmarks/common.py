@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from esft_lightning.experts.forward import expert_param_names  # noqa: E402
+from esft_lightning.experts.state import expert_param_names  # noqa: E402
 from esft_lightning.models import build_tiny_model, find_moe_layers  # noqa: E402
 
 # Sized so that compute (not Python overhead) dominates a step on a 2-core CPU, while a step stays

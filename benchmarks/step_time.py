@@ -40,8 +40,8 @@ from common import (
 )
 from torch import nn
 
-from esft_lightning.experts.forward import expert_param_names
 from esft_lightning.experts.split import apply_expert_config
+from esft_lightning.experts.state import expert_param_names
 from esft_lightning.models import build_tiny_model, find_moe_layers
 from esft_lightning.routing.profile import profile_routing
 from esft_lightning.selection.rules import ExpertConfig, select_experts

@@ -17,8 +17,8 @@ from torch import nn
 
 from .distributed.expert_parallel import gather_expert_rows
 from .dtensors import full_on_host
-from .experts.forward import TRAINED_PREFIX, expert_param_names
 from .experts.split import remove_expert_split, validate_expert_config
+from .experts.state import TRAINED_PREFIX, expert_config_of, expert_param_names, expert_shard
 from .files import atomic_write_dir
 from .models import find_moe_layers
 from .selection.rules import CONFIG_FILE, ExpertConfig
@@ -35,7 +35,7 @@ _RELEASED_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trained tensors keyed by the model's own names; routed experts as [k, ...] rows in config order."""
-    config: ExpertConfig | None = getattr(model, "esft_expert_config", None)
+    config: ExpertConfig | None = expert_config_of(model)
     if config is None:
         raise ValueError("model has no expert selection applied (apply_expert_config first)")
     layer_of = {id(layer.experts): layer.index for layer in find_moe_layers(model)}
@@ -47,7 +47,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         experts_names.add(name)
         ids = config.experts.get(layer_of[id(module)], [])
         # Expert parallel: this rank holds its own experts only; the rows are gathered from their owners.
-        parallel = getattr(module, "esft_expert_shard", None) is not None
+        parallel = expert_shard(module) is not None
         for proj in expert_param_names(module):
             trained = getattr(module, TRAINED_PREFIX + proj, None)
             fused = getattr(module, proj)
@@ -69,7 +69,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``expert_cfg.json`` (ESFT format) and ``adapter.safetensors`` (only trained tensors) atomically."""
     path = Path(path)
-    config = model.esft_expert_config if hasattr(model, "esft_expert_config") else None
+    config = expert_config_of(model)
     tensors = adapter_tensors(model)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return path  # every rank gathered (collective); rank 0 writes

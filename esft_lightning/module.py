@@ -20,8 +20,9 @@ from .distributed.expert_parallel import expert_parallel_mesh, localize_experts,
 from .distributed.fsdp import data_parallel_mesh, shard_model
 from .distributed.host_memory import current_host_bytes, peak_host_bytes, training_memory_bytes
 from .distributed.strategy import allow_unused_experts_under_ddp, is_fsdp2
-from .dtensors import local_shard
+from .dtensors import local_shard, model_is_sharded
 from .experts.split import is_trained_copy, trainable_summary
+from .experts.state import expert_config_of
 from .models.aux_loss import SequenceBalanceLoss, has_sequence_balance_loss
 from .pipeline import frozen_experts_in_fp8, restore, selection_entry
 from .selection.rules import ExpertConfig
@@ -154,7 +155,7 @@ class ESFTModule(L.LightningModule):
         if self._trainer is not None:  # (load_from_checkpoint calls this hook without a Trainer)
             prepare_for_sharding(model, self._trainer)
         mesh = getattr(self, "_device_mesh", None)
-        if mesh is None or getattr(model, "_esft_sharded", False):
+        if mesh is None or model_is_sharded(model):  # (configure_model runs again on a later fit)
             return
         dp_mesh = data_parallel_mesh(mesh)
         expert_mesh = None
@@ -175,7 +176,6 @@ class ESFTModule(L.LightningModule):
                 "files): save it with save_pretrained first, or keep frozen_experts_dtype: model"
             )
         read = shard_model(model, dp_mesh, self.fsdp_bf16, fill_from_rank0=rank0, files=files, expert_mesh=expert_mesh)
-        model._esft_sharded = True
         local = sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
         full = sum(p.numel() * p.element_size() for p in model.parameters())
         above = peak_host_bytes() - getattr(self, "_host_bytes_before_model", 0)
@@ -189,7 +189,7 @@ class ESFTModule(L.LightningModule):
     @property
     def expert_config(self) -> ExpertConfig | None:
         """The expert selection applied to the model, if any."""
-        return getattr(self.model, "esft_expert_config", None)
+        return expert_config_of(self.model)
 
     # -- steps -----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .dtensors import model_is_sharded
 from .experts.split import FP8, apply_expert_config, dtype_from_name, stored_expert_dtypes, trained_copies_dtype
+from .experts.state import expert_config_of
 from .models import find_moe_layers
 from .routing.placement import placed_for_profiling
 from .routing.profile import RoutingProfile, profile_routing
@@ -146,7 +147,7 @@ def restore(model: nn.Module, saved: dict | None, spec: SelectionSpec | None = N
         if target is not None and explicit.experts != target.experts:
             raise ValueError(f"{spec.expert_config} differs from the selection of the checkpoint being resumed")
         target = target or explicit
-    current: ExpertConfig | None = getattr(model, "esft_expert_config", None)
+    current: ExpertConfig | None = expert_config_of(model)
     if target is None:
         return current
     saved_dtype = saved.get("trainable_dtype")

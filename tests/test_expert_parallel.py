@@ -30,7 +30,8 @@ def _ep_rank(rank: int, world: int, ep: int, family: str, out: str) -> None:
     import torch.distributed as dist
 
     from esft_lightning.distributed.expert_parallel import dispatch_combine, expert_parallel_mesh, localize_experts
-    from esft_lightning.experts.forward import TRAINED_PREFIX, _local_experts_forward
+    from esft_lightning.experts.forward import _local_experts_forward
+    from esft_lightning.experts.state import TRAINED_PREFIX, expert_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1")
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
@@ -51,7 +52,7 @@ def _ep_rank(rank: int, world: int, ep: int, family: str, out: str) -> None:
         logits.float().pow(2).mean().backward()
         expected.float().pow(2).mean().backward()
         for layer, ref_layer in zip(find_moe_layers(model), find_moe_layers(reference), strict=True):
-            shard = layer.experts.esft_expert_shard
+            shard = expert_shard(layer.experts)
             for name, param in layer.experts.named_parameters():
                 if not name.startswith(TRAINED_PREFIX):
                     continue
@@ -65,7 +66,7 @@ def _ep_rank(rank: int, world: int, ep: int, family: str, out: str) -> None:
         # A layer where every token goes to rank 0's experts: the other owners receive nothing, yet every rank
         # enters the same collectives, forward and backward.
         layer, ref_layer = find_moe_layers(model)[0], find_moe_layers(reference)[0]
-        shard = layer.experts.esft_expert_shard
+        shard = expert_shard(layer.experts)
         hidden = torch.randn(5, model.config.hidden_size, generator=generator, requires_grad=True)
         index = torch.randint(0, shard.count, (5, model.config.num_experts_per_tok), generator=generator)
         weights = torch.rand(5, model.config.num_experts_per_tok, generator=generator)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from esft_lightning.experts.forward import expert_param_names
 from esft_lightning.experts.split import apply_expert_config, remove_expert_split
+from esft_lightning.experts.state import expert_param_names
 from esft_lightning.models import build_tiny_model, enable_activation_checkpointing, find_moe_layers
 from esft_lightning.selection.rules import ExpertConfig
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from esft_lightning.adapters import load_adapter, save_adapter
-from esft_lightning.experts.forward import expert_param_names
 from esft_lightning.experts.split import apply_expert_config
+from esft_lightning.experts.state import expert_param_names
 from esft_lightning.models import (
     FAMILIES,
     VERIFIED,

@@ -266,8 +266,8 @@ def test_counts_add_up_over_batches():
 
 def test_granularity_rows_structure(tmp_path):
     """The runner end to end on a tiny model, one step per run: one row per (G, method, seed) with its costs."""
-    from esft_lightning.data import synthetic
     from esft_lightning.analysis import granularity_rows, summarise_granularity
+    from esft_lightning.data import synthetic
 
     model = build_tiny_model("qwen3_moe", vocab_size=259)
     model.save_pretrained(tmp_path / "model")

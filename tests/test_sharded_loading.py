@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from esft_lightning.experts.split import apply_expert_config
+from esft_lightning.experts.state import expert_shard
 from esft_lightning.models import build_tiny_model
 from esft_lightning.pipeline import decide
 from esft_lightning.selection.rules import ExpertConfig
@@ -120,7 +121,7 @@ def _rank_fills_its_shards(rank: int, world: int, path: str, out: str, expert_pa
         firsts = {
             name: (shard.first, shard.count)
             for name, _ in model.named_parameters()
-            if (shard := getattr(model.get_submodule(name.rpartition(".")[0]), "esft_expert_shard", None))
+            if (shard := expert_shard(model.get_submodule(name.rpartition(".")[0])))
         }
         if rank == 0 or expert_parallel:
             saved = {"params": gathered, "buffers": buffers, "firsts": firsts}

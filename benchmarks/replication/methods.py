@@ -17,6 +17,7 @@ from esft_lightning.analysis.granularity_run import forever  # one training loop
 from esft_lightning.analysis.granularity_run import train_steps as train
 from esft_lightning.callbacks.routing_drift import general_dataloader, layer_drift
 from esft_lightning.experts.split import apply_expert_config
+from esft_lightning.experts.state import expert_config_of
 from esft_lightning.models import find_moe_layers
 from esft_lightning.routing.profile import RoutingProfile
 from esft_lightning.selection.rules import ExpertConfig, no_experts, random_experts
@@ -108,7 +109,7 @@ def fit(method: str, data: TaskData, selections: dict[str, ExpertConfig], lr: fl
     model = prepare(method, selections, data.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step_s = train(model, forever(data.dm.train_dataloader()), args.steps, lr)
-    config = getattr(model, "esft_expert_config", None)
+    config = expert_config_of(model)
     facts = dict(
         lr=lr,
         trainable_params=trainable,

@@ -19,6 +19,7 @@ from ..data.templates import Template
 from ..distributed.fsdp import save_pretrained_merged
 from ..distributed.strategy import allow_unused_experts_under_ddp, is_fsdp2
 from ..experts.split import trainable_summary
+from ..experts.state import expert_config_of
 from ..files import atomic_write_text
 from ..models import find_moe_model
 from ..pipeline import Decision, apply, decide, read_checkpoint_selection, restore, selection_entry
@@ -161,7 +162,7 @@ class ExpertSelectionCallback(L.Callback):
         else (in fit) profile and select. A model that already has a selection keeps it (``restore`` checks it
         against the checkpoint's and the explicit config's), so calling this again does nothing."""
         saved = read_checkpoint_selection(trainer.ckpt_path)  # a resumed run keeps its selection
-        had_selection = getattr(model, "esft_expert_config", None) is not None
+        had_selection = expert_config_of(model) is not None
         config = self.config = restore(model, saved, self.spec)
         if had_selection or trainer.state.fn != "fit":
             return  # selected already (e.g. by prepare_for_sharding), or validate / test: nothing to decide
@@ -217,7 +218,7 @@ class ExpertSelectionCallback(L.Callback):
     # -- checkpoints: the selection travels with them, whatever the LightningModule --------------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         model = find_moe_model(pl_module, self.model_attr)
-        config = getattr(model, "esft_expert_config", None)
+        config = expert_config_of(model)
         if config is not None:  # (ESFTModule writes the same entry itself)
             checkpoint.setdefault("esft", selection_entry(model, config))
 

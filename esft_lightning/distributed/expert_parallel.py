@@ -1,4 +1,12 @@
-"""Expert parallelism: each rank keeps whole experts of every MoE layer; tokens travel to them by all-to-all."""
+"""Expert parallelism: each rank keeps whole experts of every MoE layer; tokens travel to them by all-to-all.
+
+``localize_experts`` installs ``dispatch_combine`` as the experts module's dispatcher (``ExpertsState.dispatch``):
+the ``esft`` forward calls whatever dispatcher a module holds, so it never imports this module.
+
+Shape legend (as in ``experts.forward``): T tokens, D hidden size, K experts per token, P token-expert pairs
+(T x K, flattened), E experts of the layer, S ranks of the expert-parallel group, C experts per rank (E / S),
+R pairs received from the group.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +19,18 @@ import torch.distributed as dist
 from torch import nn
 
 from ..dtensors import full_on_host
-from ..experts.forward import DISPATCH_ATTR, TRAINED_PREFIX, expert_param_names, has_split
 from ..experts.fp8 import SCALE_SUFFIX, dequantize_experts, is_fp8_frozen
 from ..experts.split import install_split, remove_expert_split, use_esft_implementation
+from ..experts.state import (
+    EXPERT_IDS,
+    TRAINED_PREFIX,
+    expert_config_of,
+    expert_param_names,
+    expert_shard,
+    experts_state,
+    has_split,
+    set_expert_config,
+)
 from ..models import find_moe_layers
 
 __all__ = [
@@ -66,11 +83,11 @@ def localize_experts(model: nn.Module, mesh: Any) -> int:
     Works on a meta-device model (before its shards are read from the files) or a real one. Each experts module
     keeps rows ``first .. first + E/ep`` of its fused tensors and the trainable copies of the selected experts
     among them (the others' copies live on their owners), renumbered locally; ``num_experts`` becomes the local
-    count and ``esft_expert_shard`` records the global picture. Returns the number of MoE layers localized.
-    Raises ``ValueError`` naming the layer when its experts do not split evenly.
+    count and the module's ``ExpertShard`` (``expert_shard``) records the global picture. Returns the number of
+    MoE layers localized. Raises ``ValueError`` naming the layer when its experts do not split evenly.
     """
     group, size, rank = mesh["ep"].get_group(), mesh["ep"].size(), mesh["ep"].get_local_rank()
-    config = getattr(model, "esft_expert_config", None)
+    config = expert_config_of(model)
     layers = find_moe_layers(model)
     dtypes, frozen_fp8 = {}, set()
     for layer in layers:
@@ -100,10 +117,11 @@ def localize_experts(model: nn.Module, mesh: Any) -> int:
             # Even with none of the layer's selected experts here: a zero-row trainable copy keeps every rank's
             # optimizer and parameter structure the same (an owner of frozen experts only still has parameters).
             install_split(experts, mine, dtypes[layer.index], frozen_fp8=layer.index in frozen_fp8)
-        experts.esft_expert_shard = ExpertShard(group, rank, size, total, first, count, selected)
-        setattr(experts, DISPATCH_ATTR, dispatch_combine)  # the esft forward sends pairs through it
+        state = experts_state(experts, create=True)
+        state.shard = ExpertShard(group, rank, size, total, first, count, selected)
+        state.dispatch = dispatch_combine  # the esft forward sends pairs through it
     if config is not None:
-        model.esft_expert_config = config  # (remove_expert_split dropped it with the global copies)
+        set_expert_config(model, config)  # (remove_expert_split dropped it with the global copies)
     use_esft_implementation(model)  # the esft forward sends pairs to their owners when a module is localized
     return len(layers)
 
@@ -112,7 +130,7 @@ def routed_expert_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the fused routed-expert tensors this rank holds, bytes of all of them in the model)."""
     local = total = 0
     for layer in find_moe_layers(model):
-        shard = getattr(layer.experts, "esft_expert_shard", None)
+        shard = expert_shard(layer.experts)
         for name in expert_param_names(layer.experts):
             param = getattr(layer.experts, name)
             size = param.numel() * param.element_size()
@@ -137,7 +155,7 @@ def dispatch_combine(
     """
     from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-    shard: ExpertShard = experts.esft_expert_shard
+    shard: ExpertShard = expert_shard(experts)
     num_tokens, top_k = top_k_index_TK.shape
     ids_P = top_k_index_TK.reshape(-1)
     order_P = torch.argsort(ids_P, stable=True)
@@ -179,7 +197,7 @@ def gather_expert_rows(experts: nn.Module, name: str, local: torch.Tensor) -> to
     tensor (this rank holds all its experts' rows). A collective over the expert-parallel group: every rank calls
     it, for every layer, in the same order. Returns a CPU tensor.
     """
-    shard: ExpertShard = experts.esft_expert_shard
+    shard: ExpertShard = expert_shard(experts)
     local = local.detach().cpu()
     parts: list[Any] = [None] * shard.size
     dist.all_gather_object(parts, local, group=shard.group)  # small tensors (trained rows), pickled over gloo/nccl
@@ -194,7 +212,7 @@ def gather_expert_rows(experts: nn.Module, name: str, local: torch.Tensor) -> to
 
 def has_expert_shards(model: nn.Module) -> bool:
     """Whether any experts module of ``model`` is split over expert-parallel ranks."""
-    return any(getattr(m, "esft_expert_shard", None) is not None for m in model.modules())
+    return any(expert_shard(m) is not None for m in model.modules())
 
 
 def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str, ExpertShard | None]:
@@ -203,7 +221,7 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str, ExpertShard | No
         module = root.get_submodule(module_name)
     except AttributeError:
         return root, leaf, None
-    return module, leaf, getattr(module, "esft_expert_shard", None)
+    return module, leaf, expert_shard(module)
 
 
 def globalize_expert_state(root: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +252,7 @@ def localize_expert_state(root: nn.Module, state: dict[str, Any]) -> dict[str, A
         if shard is None:
             continue
         if leaf.startswith(TRAINED_PREFIX):
-            rows = [shard.selected.index(shard.first + int(i)) for i in module.esft_expert_ids.tolist()]
+            rows = [shard.selected.index(shard.first + int(i)) for i in getattr(module, EXPERT_IDS).tolist()]
         else:
             rows = list(range(shard.first, shard.first + shard.count))
 
@@ -251,15 +269,15 @@ def merged_expert_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     CPU tensors."""
     out = {}
     for module_name, module in model.named_modules():
-        if getattr(module, "esft_expert_shard", None) is None:
+        if expert_shard(module) is None:
             continue
         for name in expert_param_names(module):
             rows = full_on_host(getattr(module, name), copy=True)
             if is_fp8_frozen(module, name):  # 8-bit frozen experts: merged in the model's own dtype
                 scale = full_on_host(getattr(module, name + SCALE_SUFFIX))
-                rows = dequantize_experts(rows, scale, module._esft_frozen_dtype)
+                rows = dequantize_experts(rows, scale, experts_state(module).split.frozen_dtype)
             trained = getattr(module, TRAINED_PREFIX + name, None)
             if trained is not None:
-                rows[module.esft_expert_ids.cpu()] = full_on_host(trained).to(rows.dtype)
+                rows[getattr(module, EXPERT_IDS).cpu()] = full_on_host(trained).to(rows.dtype)
             out[f"{module_name}.{name}"] = gather_expert_rows(module, name, rows)
     return out

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..dtensors import model_is_sharded
+from ..experts.state import expert_shard
 from ..files import atomic_write_dir
 from ..models.discovery import decoder_layers
 from ..weights.sharded_loading import fill_from_files
@@ -65,7 +66,7 @@ def shard_model(
     for layer in layers:
         full = persistent_state(layer) if rank0 else {}  # references, taken before fully_shard replaces them
         if expert_mesh is not None:
-            for experts in (m for m in layer.modules() if hasattr(m, "esft_expert_shard")):
+            for experts in (m for m in layer.modules() if expert_shard(m) is not None):
                 fully_shard(experts, mesh=expert_mesh["edp"], mp_policy=policy)
                 # An owned expert's gradient already sums the tokens of every rank of its expert-parallel group:
                 # divide by the whole world, as the other parameters' gradients are averaged over it.

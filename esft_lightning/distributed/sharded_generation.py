@@ -35,6 +35,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from ..dtensors import model_is_sharded
+from ..experts.state import expert_shard
 
 __all__ = [
     "GenerationMode",
@@ -184,7 +185,7 @@ def sharded_generation(
     if policy not in ("auto", "always", "never"):
         raise ValueError(f"unshard policy must be 'auto', 'always' or 'never', got {policy!r}")
     modules = fsdp_modules(model)
-    if any(getattr(m, "esft_expert_shard", None) is not None for m in model.modules()):
+    if any(expert_shard(m) is not None for m in model.modules()):
         # Expert parallel: every forward sends tokens to the experts' owners, so all ranks must step together.
         _info("ESFT generation under expert parallelism: ranks in lockstep (tokens travel to their experts' owners)")
         yield "gathered"

@@ -189,7 +189,7 @@ def score(
 ) -> dict[str, float]:
     """exact_match, chrf, bleu (sentence BLEU up to 4-grams, smoothed, averaged: see ``sentence_bleu``) and rougeL
     (F-measure) of ``predictions`` against ``answers``; with ``judge_scores`` (an LLM judge's 0-10 rating per
-    prediction, see ``esft_lightning.evaluation.judge``) also ``judge``: their mean divided by 10, as the ESFT paper reports."""
+    prediction, see ``evaluation.judge``) also ``judge``: their mean divided by 10, as the ESFT paper reports."""
     preds, target = list(predictions), [list(a) for a in answers]
     rouge = ROUGEScore(rouge_keys=("rougeL",))(preds, target)["rougeL_fmeasure"]
     scores = {
@@ -219,7 +219,7 @@ def evaluate_set(
     """Generate on ``samples`` and score them; returns (scores, per-sample records).
 
     ``judge`` and ``judge_task`` (``summary``, ``law``, ``translation`` or ``generic``: the prompt, see
-    ``esft_lightning.evaluation.judge``): an LLM judge also rates every prediction 0-10 (``judge`` in the scores: the mean / 10;
+    ``evaluation.judge``): an LLM judge also rates every prediction 0-10 (``judge`` in the scores: the mean / 10;
     each record gets its own ``judge`` / 10). A judge that cannot score raises ``JudgeError`` on every rank.
 
     Under torch.distributed each rank generates every world_size-th sample and the predictions are

@@ -7,6 +7,10 @@ gate/up, GELU, ...). Token-expert pairs of frozen experts go through the frozen 
 experts through the small trainable ``esft_*`` tensors: one grouped matmul per group and projection, one weighted
 scatter-add back to tokens, one host sync per layer. Gathers are ``index_select`` and the scatter-add is
 ``index_add_``: on CPU both directions are bitwise reproducible with any number of threads.
+
+Shape legend (suffixes of tensor names, here and in ``distributed.expert_parallel``): T tokens, D hidden size,
+K experts per token (top-k), P token-expert pairs (T x K, flattened), E experts of this module, I / O a linear's
+in / out features, S ranks of an expert-parallel group, C experts per rank (E / S), R pairs received from them.
 """
 
 from __future__ import annotations
@@ -21,24 +25,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .fp8 import SCALE_SUFFIX, frozen_fp8_linear, is_fp8_frozen
-
-ESFT_IMPLEMENTATION = "esft"
-TRAINED_PREFIX = "esft_"
-
-
-def expert_param_names(experts: nn.Module) -> tuple[str, ...]:
-    """Names of an experts module's per-expert tensors (experts on dim 0), from its layout flags."""
-    up = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
-    names = (up, "down_proj")
-    if getattr(experts, "has_bias", False):
-        names += (f"{up}_bias", "down_proj_bias")
-    return names
-
-
-def has_split(experts: nn.Module) -> bool:
-    """Whether apply_expert_config installed frozen/trained split tensors on this experts module."""
-    return hasattr(experts, "esft_expert_ids")
-
+from .state import ESFT_IMPLEMENTATION, EXPERT_IDS, TRAINED_PREFIX, expert_param_names, experts_state, has_split
 
 GROUPED_MM_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 """Dtypes torch's grouped matmul takes: float64 raises "Expected mat_a to be Float32, BFloat16 or Float16"."""
@@ -105,18 +92,15 @@ def can_use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 def base_forward(experts: nn.Module) -> Callable:
     """The experts forward the model used before the split (``grouped_mm``, ``eager``, ...)."""
-    implementation = getattr(experts, "_esft_base_impl", None) or "grouped_mm"
+    implementation = _base_implementation(experts)
     if implementation in ("eager", ESFT_IMPLEMENTATION) or implementation not in ALL_EXPERTS_FUNCTIONS:
         return type(experts).forward.__wrapped__  # the class's own (eager) forward, under the dispatch wrapper
     return ALL_EXPERTS_FUNCTIONS[implementation]
 
 
-ExpertsForward = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(experts module, hidden_states [T, D], top_k_index [T, K], top_k_weights [T, K]) -> output [T, D]."""
-Dispatcher = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, ExpertsForward], torch.Tensor]
-"""Runs an ``ExpertsForward`` on the ranks that hold each pair's expert and returns every token's combined output:
-the peer of running it here. Expert parallelism installs one on an experts module (``DISPATCH_ATTR``)."""
-DISPATCH_ATTR = "esft_dispatch"
+def _base_implementation(experts: nn.Module) -> str:
+    state = experts_state(experts)
+    return (state.base_implementation if state is not None else None) or "grouped_mm"
 
 
 def esft_experts_forward(
@@ -128,9 +112,9 @@ def esft_experts_forward(
     our grouped path (no trained group) instead, whose backward is deterministic (see ``_rows``). (On CUDA both
     paths' index ops are atomic unless deterministic algorithms are on, and ours adds a host sync per layer.)
     """
-    dispatch = getattr(self, DISPATCH_ATTR, None)  # expert parallel installs one: the pairs go to their owners
-    if dispatch is not None:
-        return dispatch(self, hidden_states, top_k_index, top_k_weights, _local_experts_forward)
+    state = experts_state(self)
+    if state is not None and state.dispatch is not None:  # expert parallel: the pairs go to their owners
+        return state.dispatch(self, hidden_states, top_k_index, top_k_weights, _local_experts_forward)
     return _local_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
@@ -138,7 +122,7 @@ def _local_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     split = has_split(self)
-    base = getattr(self, "_esft_base_impl", None) or "grouped_mm"
+    base = _base_implementation(self)
     if not split and (base != "grouped_mm" or hidden_states.device.type != "cpu"):
         return base_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     names = expert_param_names(self)[:2]
@@ -190,11 +174,11 @@ def _expert_output(self: nn.Module, projected: torch.Tensor) -> torch.Tensor:
 
 
 def _split_grouped(
-    self: nn.Module, hidden_TH: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    self: nn.Module, hidden_TD: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     up, down, *biases = expert_param_names(self)
     split = has_split(self)
-    num_experts, num_slots = self.num_experts, (self.esft_expert_ids.numel() if split else 0)
+    num_experts, num_slots = self.num_experts, (getattr(self, EXPERT_IDS).numel() if split else 0)
     top_k = top_k_index.shape[-1]
     # Group of each token-expert pair: frozen experts 0..E-1 keep their id, selected experts go to E + slot, and
     # placeholder ids (>= E, e.g. expert-parallel sentinels) to a last group that is never computed. One sort then
@@ -210,7 +194,7 @@ def _split_grouped(
     num_frozen, num_routed = ends[[num_experts - 1, num_experts + num_slots - 1]].tolist()
     token_of_pair = order // top_k
     weights = _rows(top_k_weights.reshape(-1), order).unsqueeze(-1)
-    out = _accumulator(hidden_TH)
+    out = _accumulator(hidden_TD)
     parts = (
         (0, num_frozen, ends[:num_experts], "", 0),
         (num_frozen, num_routed, ends[num_experts:-1] - num_frozen, TRAINED_PREFIX, num_experts),
@@ -223,12 +207,12 @@ def _split_grouped(
         if biases:  # per-pair bias rows: the expert (frozen part) or slot (trained part) each pair went to
             expert_of_pair = group[start:end] - first_group
             b_up, b_down = (_rows(getattr(self, prefix + n), expert_of_pair) for n in biases)
-        h = _expert_output(self, _project(self, prefix + up, _rows(hidden_TH, tokens), offsets, b_up))
+        h = _expert_output(self, _project(self, prefix + up, _rows(hidden_TD, tokens), offsets, b_up))
         y = _project(self, prefix + down, h, offsets, b_down)
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
         out.index_add_(0, tokens, (y * weights[start:end]).to(out.dtype))
-    return out.to(hidden_TH.dtype)
+    return out.to(hidden_TD.dtype)
 
 
 def _project(
@@ -241,38 +225,38 @@ def _project(
     return _grouped_linear(x, getattr(self, name), offsets, bias, self.is_transposed)
 
 
-def _accumulator(hidden_TH: torch.Tensor) -> torch.Tensor:
+def _accumulator(hidden_TD: torch.Tensor) -> torch.Tensor:
     # A token's k expert outputs are summed in fp32 for 16-bit models, as the stock experts' reduction does.
-    dtype = torch.float32 if hidden_TH.dtype in (torch.bfloat16, torch.float16) else hidden_TH.dtype
-    return torch.zeros(hidden_TH.shape, dtype=dtype, device=hidden_TH.device)
+    dtype = torch.float32 if hidden_TD.dtype in (torch.bfloat16, torch.float16) else hidden_TD.dtype
+    return torch.zeros(hidden_TD.shape, dtype=dtype, device=hidden_TD.device)
 
 
 def _split_eager(
-    self: nn.Module, hidden_TH: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    self: nn.Module, hidden_TD: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    names = expert_param_names(self)
-    out = _accumulator(hidden_TH)
+    names, slots = expert_param_names(self), experts_state(self).split.slots
+    out = _accumulator(hidden_TD)
     valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
     for expert in torch.unique(top_k_index[valid]).tolist():
         token_idx, k_pos = torch.where(top_k_index == expert)
-        slot = self._esft_slots[expert]
+        slot = slots[expert]
         if slot >= 0:
             tensors = [getattr(self, TRAINED_PREFIX + n)[slot] for n in names]
         else:
             tensors = [getattr(self, n)[expert] for n in names]
         w_up, w_down, b_up, b_down = (*tensors, None, None) if len(tensors) == 2 else tensors
         if slot < 0 and w_up.dtype == torch.float8_e4m3fn:  # an 8-bit frozen expert: dequantized as it runs
-            x = _rows(hidden_TH, token_idx)
+            x = _rows(hidden_TD, token_idx)
             h = _expert_output(self, _frozen_fp8_expert(self, names[0], expert, x, b_up))
             y = _frozen_fp8_expert(self, names[1], expert, h, b_down)
         else:
-            x = _rows(hidden_TH, token_idx).to(w_up.dtype)
+            x = _rows(hidden_TD, token_idx).to(w_up.dtype)
             h = _expert_output(self, _linear(x, w_up, b_up, self.is_transposed))
             y = _linear(h, w_down, b_down, self.is_transposed)
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
         out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
-    return out.to(hidden_TH.dtype)
+    return out.to(hidden_TD.dtype)
 
 
 def _frozen_fp8_expert(

@@ -3,7 +3,7 @@
 Each MoE layer with a selection keeps its fused per-expert tensors (``gate_up_proj`` or ``up_proj``,
 ``down_proj``, and their biases where the layout has them) as frozen parameters and gains small trainable
 copies, ``esft_<name>`` [k, ...], holding the k selected experts. The model switches to the ``esft`` experts
-implementation (experts_forward.py), which routes token-expert pairs of frozen experts through the frozen
+implementation (``experts/forward.py``), which routes token-expert pairs of frozen experts through the frozen
 tensors and pairs of selected experts through the small ones, so gradients and optimizer state are sized to the
 selection, frozen experts get no weight-gradient work, and no per-step copy of the expert weights is made.
 ``state_dict()`` still shows the model's own keys and shapes, with the trained rows merged in (on CPU).
@@ -20,8 +20,22 @@ from torch import nn
 from ..dtensors import full_on_host
 from ..models import MoELayer, UnsupportedModelError, find_moe_layers, is_experts_module
 from ..selection.rules import ExpertConfig
-from .forward import ESFT_IMPLEMENTATION, TRAINED_PREFIX, expert_param_names, has_split
 from .fp8 import FP8_EXPERT_BLOCK, SCALE_SUFFIX, dequantize_experts, is_fp8_frozen, quantize_experts
+from .state import (
+    ESFT_IMPLEMENTATION,
+    EXPERT_IDS,
+    GROUP_OF_EXPERT,
+    SLOT_BUFFERS,
+    SLOT_OF_EXPERT,
+    STATE_ATTR,
+    TRAINED_PREFIX,
+    SplitState,
+    expert_config_of,
+    expert_param_names,
+    experts_state,
+    has_split,
+    set_expert_config,
+)
 
 FP8 = torch.float8_e4m3fn
 """The storage dtype of 8-bit frozen experts (``apply_expert_config(frozen_dtype=FP8)``)."""
@@ -29,7 +43,6 @@ FP8 = torch.float8_e4m3fn
 __all__ = [
     "FP8",
     "apply_expert_config",
-    "has_split",
     "install_split",
     "remove_expert_split",
     "trainable_summary",
@@ -114,7 +127,7 @@ def apply_expert_config(
         for p in model.parameters():
             if id(p) not in expert_params:
                 p.requires_grad_(True)
-    model.esft_expert_config = config
+    set_expert_config(model, config)
     return trainable_summary(model)
 
 
@@ -128,7 +141,7 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # The model's own size: the small esft_* copies are not extra model parameters.
     total = sum(p.numel() for n, p in model.named_parameters() if not is_trained_copy(n))
-    config = getattr(model, "esft_expert_config", None)
+    config = expert_config_of(model)
     return {
         "trainable_params": trainable,
         "total_params": total,
@@ -176,16 +189,21 @@ def use_esft_implementation(model: nn.Module) -> None:
     """Dispatch every experts module of ``model`` to the ``esft`` implementation, remembering each one's own."""
     for module in model.modules():
         if is_experts_module(module) and module.config._experts_implementation != ESFT_IMPLEMENTATION:
-            module._esft_base_impl = module.config._experts_implementation
+            experts_state(module, create=True).base_implementation = module.config._experts_implementation
     for config in _experts_configs(model):
         config._experts_implementation = ESFT_IMPLEMENTATION
 
 
 def _restore_implementation(model: nn.Module) -> None:
     for module in model.modules():
-        base = vars(module).pop("_esft_base_impl", None)
+        state = experts_state(module)
+        base = None if state is None else state.base_implementation
         if base is not None and module.config._experts_implementation == ESFT_IMPLEMENTATION:
             module.config._experts_implementation = base
+        if state is not None:
+            state.base_implementation = None
+            if state.shard is None:  # nothing of ESFT's left on the module
+                delattr(module, STATE_ATTR)
 
 
 def install_split(
@@ -203,24 +221,23 @@ def install_split(
         slots[expert] = slot
     index = torch.tensor(ids, dtype=torch.long, device=device)
     slot_of_expert = torch.tensor(slots, dtype=torch.long, device=device)
-    experts.register_buffer("esft_expert_ids", index, persistent=False)
-    experts.register_buffer("esft_slot_of_expert", slot_of_expert, persistent=False)
+    experts.register_buffer(EXPERT_IDS, index, persistent=False)
+    experts.register_buffer(SLOT_OF_EXPERT, slot_of_expert, persistent=False)
     # Group ids of the esft forward: frozen expert e -> e, selected expert -> E + slot, placeholder (E) -> E + k.
     group_of_expert = torch.arange(experts.num_experts + 1, device=device)
     group_of_expert[index] = experts.num_experts + torch.arange(len(ids), device=device)
     group_of_expert[-1] = experts.num_experts + len(ids)
-    experts.register_buffer("esft_group_of_expert", group_of_expert, persistent=False)
+    experts.register_buffer(GROUP_OF_EXPERT, group_of_expert, persistent=False)
     for name in names:
         full = getattr(experts, name)
         trained = full.detach()[index].to(dtype or full.dtype, copy=True)
         experts.register_parameter(TRAINED_PREFIX + name, nn.Parameter(trained))
-    if frozen_fp8:
-        _store_frozen_fp8(experts, names[:2])
-    experts._esft_slots = slots
-    experts._esft_hooks = [
+    frozen_dtype = _store_frozen_fp8(experts, names[:2]) if frozen_fp8 else None
+    hooks = [
         experts.register_state_dict_post_hook(_state_dict_with_trained_rows),
         experts.register_load_state_dict_pre_hook(_load_trained_rows),
     ]
+    experts_state(experts, create=True).split = SplitState(names, slots, hooks, frozen_dtype)
 
 
 def remove_expert_split(model: nn.Module) -> None:
@@ -228,25 +245,25 @@ def remove_expert_split(model: nn.Module) -> None:
     for module in model.modules():
         if not has_split(module):
             continue
+        split = experts_state(module).split
         with torch.no_grad():
             for name in expert_param_names(module):
                 if is_fp8_frozen(module, name):  # back to the model's dtype before the trained rows fold in
                     scale = getattr(module, name + SCALE_SUFFIX)
-                    full = dequantize_experts(getattr(module, name), scale, module._esft_frozen_dtype)
+                    full = dequantize_experts(getattr(module, name), scale, split.frozen_dtype)
                     delattr(module, name + SCALE_SUFFIX)
                     setattr(module, name, nn.Parameter(full, requires_grad=False))
-                getattr(module, name)[module.esft_expert_ids] = getattr(module, TRAINED_PREFIX + name).to(
+                getattr(module, name)[getattr(module, EXPERT_IDS)] = getattr(module, TRAINED_PREFIX + name).to(
                     getattr(module, name).dtype
                 )
                 delattr(module, TRAINED_PREFIX + name)
-        vars(module).pop("_esft_frozen_dtype", None)
-        for handle in module._esft_hooks:
+        for handle in split.hooks:
             handle.remove()
-        for attr in ("esft_expert_ids", "esft_slot_of_expert", "esft_group_of_expert", "_esft_slots", "_esft_hooks"):
-            delattr(module, attr)
+        for buffer in SLOT_BUFFERS:
+            delattr(module, buffer)
+        experts_state(module).split = None
     _restore_implementation(model)
-    if hasattr(model, "esft_expert_config"):
-        del model.esft_expert_config
+    set_expert_config(model, None)
 
 
 def _state_dict_with_trained_rows(module: nn.Module, state_dict: dict, prefix: str, _meta: Any) -> None:
@@ -259,8 +276,8 @@ def _state_dict_with_trained_rows(module: nn.Module, state_dict: dict, prefix: s
         merged = full_on_host(state_dict[prefix + name], copy=True)
         scale = state_dict.pop(prefix + name + SCALE_SUFFIX, None)
         if scale is not None:  # 8-bit frozen experts: the model's own dtype in the state dict
-            merged = dequantize_experts(merged, full_on_host(scale), module._esft_frozen_dtype)
-        merged[module.esft_expert_ids.cpu()] = full_on_host(trained, copy=False).to(merged.dtype)
+            merged = dequantize_experts(merged, full_on_host(scale), experts_state(module).split.frozen_dtype)
+        merged[getattr(module, EXPERT_IDS).cpu()] = full_on_host(trained, copy=False).to(merged.dtype)
         state_dict[prefix + name] = merged
 
 
@@ -269,16 +286,16 @@ def _load_trained_rows(module: nn.Module, state_dict: dict, prefix: str, *_args:
     for name in expert_param_names(module):
         full, trained = prefix + name, prefix + TRAINED_PREFIX + name
         if full in state_dict and trained not in state_dict:
-            state_dict[trained] = state_dict[full][module.esft_expert_ids.to(state_dict[full].device)]
+            state_dict[trained] = state_dict[full][getattr(module, EXPERT_IDS).to(state_dict[full].device)]
         value = state_dict.get(full)
         if value is not None and is_fp8_frozen(module, name) and value.dtype != FP8:  # the model's own dtype
             state_dict[full], state_dict[full + SCALE_SUFFIX] = quantize_experts(value)
 
 
-def _store_frozen_fp8(experts: nn.Module, names: tuple[str, ...]) -> None:
+def _store_frozen_fp8(experts: nn.Module, names: tuple[str, ...]) -> torch.dtype:
     """Replace the fused weight tensors by block-FP8 ones plus scales (on the meta device: shapes only, filled
-    from the files later)."""
-    experts._esft_frozen_dtype = getattr(experts, names[0]).dtype
+    from the files later); returns the dtype they held (what the forward dequantizes to)."""
+    model_dtype = getattr(experts, names[0]).dtype
     for name in names:
         full = getattr(experts, name)
         if full.is_meta:
@@ -289,6 +306,7 @@ def _store_frozen_fp8(experts: nn.Module, names: tuple[str, ...]) -> None:
             weight, scale = quantize_experts(full.detach())
         setattr(experts, name, nn.Parameter(weight, requires_grad=False))
         experts.register_parameter(name + SCALE_SUFFIX, nn.Parameter(scale, requires_grad=False))
+    return model_dtype
 
 
 def dtype_from_name(name: str | None) -> torch.dtype | None:

@@ -52,7 +52,8 @@ class MoELayer:
     @property
     def num_experts(self) -> int:
         # Under expert parallelism the module holds only its rank's experts; routing still spans all of them.
-        shard = getattr(self.experts, "esft_expert_shard", None)
+        state = vars(self.experts).get("esft_state")  # experts.state.STATE_ATTR (that package sits above this one)
+        shard = None if state is None else state.shard
         return int(shard.num_experts if shard is not None else self.experts.num_experts)
 
     @property

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..experts.state import EXPERT_IDS
 from ..models import decoder_layers, find_moe_layers
 
 __all__ = ["TensorBytes", "activation_bytes", "profiling_bytes", "tensor_bytes"]
@@ -51,7 +52,7 @@ def tensor_bytes(model: nn.Module, dtype: torch.dtype | None = None, train_all: 
     group = _group_of(model)
     routed: dict[int, tuple[tuple[int, ...], int]] = {}  # routed-expert tensors: their rows' experts, E
     for layer in find_moe_layers(model):
-        selected = tuple(int(e) for e in getattr(layer.experts, "esft_expert_ids", torch.empty(0)).tolist())
+        selected = tuple(int(e) for e in getattr(layer.experts, EXPERT_IDS, torch.empty(0)).tolist())
         for name, p in layer.experts.named_parameters(recurse=False):
             routed[id(p)] = (
                 selected if name.startswith("esft_") else tuple(range(layer.num_experts)),

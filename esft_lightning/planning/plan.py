@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..experts.state import expert_config_of
 from ..models import find_moe_layers
 from ..pipeline import apply, trainable_dtype
 from ..selection.rules import ExpertConfig, all_experts, no_experts
@@ -226,7 +227,7 @@ def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
         config = ExpertConfig.load(spec.expert_config)
     if config is None:
         config, kind = selection_bound(model, spec)
-    if getattr(model, "esft_expert_config", None) is None:
+    if expert_config_of(model) is None:
         fft_dtype = trainable_dtype(model, replace(config, shared_experts=False, non_expert_modules=False), spec)
         fft = tensor_bytes(model, fft_dtype, train_all=True)
         apply(model, config, spec)

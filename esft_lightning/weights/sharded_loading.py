@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from ..experts.forward import TRAINED_PREFIX
 from ..experts.fp8 import SCALE_SUFFIX, is_fp8_frozen, quantize_experts
+from ..experts.state import EXPERT_IDS, TRAINED_PREFIX, expert_shard
 from .weight_files import RowsSpec, WeightFiles
 
 __all__ = ["fill_from_files", "load_persistent_buffers", "local_rows", "on_meta"]
@@ -88,14 +88,14 @@ def _source_rows(model: nn.Module, name: str, rows: range | None) -> tuple[str, 
     """Where a parameter's rows come from: itself, or for a trainable expert copy, its experts' fused rows."""
     module_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(module_name)
-    shard = getattr(owner, "esft_expert_shard", None)  # expert parallel: this rank's experts start at shard.first
+    shard = expert_shard(owner)  # expert parallel: this rank's experts start at shard.first
     first = 0 if shard is None else shard.first
     if not leaf.startswith(TRAINED_PREFIX):
         if shard is None:
             return name, rows
         rows = range(shard.count) if rows is None else rows
         return name, range(first + rows.start, first + rows.stop)
-    ids = [first + int(i) for i in owner.esft_expert_ids.tolist()]  # built on the host with the selection
+    ids = [first + int(i) for i in getattr(owner, EXPERT_IDS).tolist()]  # built on the host with the selection
     fused = f"{module_name}.{leaf.removeprefix(TRAINED_PREFIX)}"
     return fused, ids if rows is None else [ids[i] for i in rows]
 
