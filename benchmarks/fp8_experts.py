@@ -56,11 +56,11 @@ def one_run(shape: str, storage: str, tokens: int, steps: int, moe_layers: int) 
     """Build, (quantize), select, train ``steps`` steps; bytes, peak memory above the start, step times, logits."""
     import torch
 
-    from esft_lightning.experts.fp8 import dequantize_experts, quantize_experts
-    from esft_lightning.experts.split import FP8, apply_expert_config
+    from esft_lightning.experts.split import apply_expert_config
     from esft_lightning.experts.state import expert_param_names
     from esft_lightning.models import build_tiny_model, find_moe_layers
     from esft_lightning.selection.rules import ExpertConfig
+    from esft_lightning.weights.fp8_blocks import FP8, dequantize_experts, quantize_experts
 
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)

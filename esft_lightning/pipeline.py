@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from .dtensors import model_is_sharded
-from .experts.split import FP8, apply_expert_config, dtype_from_name, stored_expert_dtypes, trained_copies_dtype
+from .experts.split import apply_expert_config, dtype_from_name, stored_expert_dtypes, trained_copies_dtype
 from .experts.state import expert_config_of
 from .models import find_moe_layers
 from .routing.placement import placed_for_profiling
 from .routing.profile import RoutingProfile, profile_routing
 from .selection.rules import ExpertConfig, all_experts, load_exclusion, no_experts, random_experts, select_experts
 from .selection.spec import SelectionSpec
+from .weights.fp8_blocks import FP8
 
 __all__ = [
     "Decision", "apply", "decide", "frozen_experts_in_fp8", "read_checkpoint_selection", "restore", "selection_entry",

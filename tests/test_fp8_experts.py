@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from esft_lightning.experts.fp8 import SCALE_SUFFIX, dequantize_experts, quantize_experts
-from esft_lightning.experts.split import FP8, apply_expert_config, remove_expert_split
+from esft_lightning.experts.split import apply_expert_config, remove_expert_split
 from esft_lightning.experts.state import expert_param_names
 from esft_lightning.models import build_tiny_model, find_moe_layers
 from esft_lightning.selection.rules import ExpertConfig
 from esft_lightning.selection.spec import SelectionSpec
+from esft_lightning.weights.fp8_blocks import FP8, SCALE_SUFFIX, dequantize_experts, quantize_experts
 
 FAMILIES = ["deepseek_v3", "qwen3_moe", "gpt_oss", "mixtral"]  # shared experts, plain, transposed + biases, renamed
 

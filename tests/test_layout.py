@@ -89,6 +89,27 @@ def test_imports_run_one_way():
     assert _cycles(graph) == []
 
 
+def test_subpackages_depend_one_way():
+    """observe -> decide -> apply and the rest: no two rooms of the package (subpackages and top-level modules)
+    import each other, directly or around a loop."""
+
+    def room(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    graph: dict[str, set[str]] = {}
+    for name, edges in _imports().items():
+        for target, _ in edges:
+            if room(target) != room(name) and target != "esft_lightning":
+                graph.setdefault(room(name), set()).add(room(target))
+    assert _cycles(graph) == []
+
+
+def test_the_state_attribute_name_models_repeats_is_the_experts_one():
+    from esft_lightning.experts.state import STATE_ATTR
+
+    assert f'vars(self.experts).get("{STATE_ATTR}")' in (PACKAGE / "models" / "base.py").read_text()
+
+
 def test_no_private_name_is_imported_across_modules():
     private = [
         f"{name} imports {target}.{n}"

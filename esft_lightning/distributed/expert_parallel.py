@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..dtensors import full_on_host
-from ..experts.fp8 import SCALE_SUFFIX, dequantize_experts, is_fp8_frozen
+from ..experts.fp8 import is_fp8_frozen
 from ..experts.split import install_split, remove_expert_split, use_esft_implementation
 from ..experts.state import (
     EXPERT_IDS,
@@ -32,6 +32,7 @@ from ..experts.state import (
     set_expert_config,
 )
 from ..models import find_moe_layers
+from ..weights.fp8_blocks import SCALE_SUFFIX, dequantize_experts
 
 __all__ = [
     "ExpertShard",

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..dtensors import model_is_sharded
+from ..experts.file_layout import SplitFileLayout
 from ..experts.state import expert_shard
 from ..files import atomic_write_dir
 from ..models.discovery import decoder_layers
@@ -89,7 +90,7 @@ def shard_model(
         _broadcast_unsaved_buffers(model, mesh.device_type)
     if files is None:
         return 0
-    return fill_from_files(model, files, _device(mesh.device_type))
+    return fill_from_files(model, files, _device(mesh.device_type), SplitFileLayout())
 
 
 def persistent_state(model: nn.Module) -> dict[str, torch.Tensor]:

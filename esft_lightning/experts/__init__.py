@@ -1,6 +1,5 @@
 """Apply: train only the selected routed experts of fused expert tensors (the split, its state, the `esft` forward)."""
 
-from .fp8 import dequantize_experts, quantize_experts
 from .split import (
     apply_expert_config,
     is_trained_copy,
@@ -11,9 +10,7 @@ from .split import (
 
 __all__ = [
     "apply_expert_config",
-    "dequantize_experts",
     "is_trained_copy",
-    "quantize_experts",
     "remove_expert_split",
     "trainable_summary",
     "validate_expert_config",

@@ -24,7 +24,8 @@ from packaging.version import Version
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .fp8 import SCALE_SUFFIX, frozen_fp8_linear, is_fp8_frozen
+from ..weights.fp8_blocks import SCALE_SUFFIX
+from .fp8 import frozen_fp8_linear, is_fp8_frozen
 from .state import ESFT_IMPLEMENTATION, EXPERT_IDS, TRAINED_PREFIX, expert_param_names, experts_state, has_split
 
 GROUPED_MM_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -138,7 +139,12 @@ def _local_experts_forward(
     return base_forward(self)(self, hidden_states, top_k_index, top_k_weights)
 
 
-ALL_EXPERTS_FUNCTIONS.register(ESFT_IMPLEMENTATION, esft_experts_forward)
+def register_esft_forward() -> None:
+    """Register the ``esft`` implementation in transformers' ``ExpertsInterface`` (idempotent)."""
+    ALL_EXPERTS_FUNCTIONS.register(ESFT_IMPLEMENTATION, esft_experts_forward)
+
+
+register_esft_forward()  # importing the forward is enough to use it; ``use_esft_implementation`` makes sure
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:

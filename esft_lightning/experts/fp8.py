@@ -1,5 +1,5 @@
-"""Frozen routed experts kept in block FP8: quantize a fused experts tensor, and run grouped matmuls that dequantize
-each expert's weights as they are used, never keeping a dequantized copy for backward.
+"""Frozen routed experts kept in block FP8 (``weights.fp8_blocks``): grouped matmuls that dequantize each expert's
+weights as they are used, never keeping a dequantized copy for backward.
 
 Shape legend: E experts, A x B one expert's matrix as the fused tensor stores it ([E, A, B]; A = out, B = in unless
 the layout is transposed), T token-expert pairs (rows of x, grouped by expert), I / O in / out features.
@@ -12,59 +12,16 @@ gradient, ``grad_y @ W``; it dequantizes the experts again, chunk by chunk, from
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "FP8_EXPERT_BLOCK",
-    "SCALE_SUFFIX",
-    "dequantize_experts",
-    "frozen_fp8_linear",
-    "is_fp8_frozen",
-    "quantize_experts",
-]
+from ..weights.fp8_blocks import FP8, SCALE_SUFFIX, dequantize_experts
 
-FP8_EXPERT_BLOCK = (128, 128)
-"""Block of one scale in a frozen expert's matrix: DeepSeek-V3's, so its files map onto it."""
-SCALE_SUFFIX = "_scale_inv"
-"""A frozen FP8 experts tensor ``P`` keeps its per-block scales in the parameter ``P_scale_inv`` [E, A/128, B/128]."""
-_FP8 = torch.float8_e4m3fn
-_FP8_MAX = 448.0
+__all__ = ["frozen_fp8_linear", "is_fp8_frozen"]
+
 _CHUNK_ELEMENTS = 2**25  # experts dequantized at once: at most 32 M values (64 MB in bf16) of transient weights
-
-
-def _grid(a: int, b: int, block: tuple[int, int]) -> tuple[int, int]:
-    return math.ceil(a / block[0]), math.ceil(b / block[1])
-
-
-def quantize_experts(
-    w_EAB: torch.Tensor, block: tuple[int, int] = FP8_EXPERT_BLOCK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fused experts tensor -> (``float8_e4m3fn`` [E, A, B], float32 scales [E, ceil(A/bA), ceil(B/bB)]); each
-    block of each expert scaled so its largest value is 448 (blocks never span two experts)."""
-    experts, a, b = w_EAB.shape
-    ga, gb = _grid(a, b, block)
-    padded = torch.zeros(experts, ga * block[0], gb * block[1], dtype=torch.float32, device=w_EAB.device)
-    padded[:, :a, :b] = w_EAB
-    blocks = padded.view(experts, ga, block[0], gb, block[1])
-    scale = blocks.abs().amax(dim=(2, 4)).clamp(min=1e-12) / _FP8_MAX
-    quantized = (blocks / scale[:, :, None, :, None]).to(_FP8).view(experts, ga * block[0], gb * block[1])
-    return quantized[:, :a, :b].contiguous(), scale
-
-
-def dequantize_experts(
-    w8_EAB: torch.Tensor, scale_EGH: torch.Tensor, dtype: torch.dtype, block: tuple[int, int] = FP8_EXPERT_BLOCK
-) -> torch.Tensor:
-    """FP8 experts and their block scales -> ``dtype`` [E, A, B] (the product computed in float32, then cast)."""
-    experts, a, b = w8_EAB.shape
-    if a % block[0] == 0 and b % block[1] == 0:  # whole blocks (every DeepSeek shape): the scales broadcast
-        blocks = w8_EAB.view(experts, a // block[0], block[0], b // block[1], block[1]).to(torch.float32)
-        return (blocks * scale_EGH[:, :, None, :, None]).to(dtype).view(experts, a, b)
-    full = scale_EGH.repeat_interleave(block[0], 1)[:, :a].repeat_interleave(block[1], 2)[:, :, :b]
-    return (w8_EAB.to(torch.float32) * full).to(dtype)
 
 
 def _chunks(offsets: torch.Tensor, per_expert: int) -> list[tuple[int, int, int, int]]:
@@ -145,4 +102,4 @@ def frozen_fp8_linear(
 
 def is_fp8_frozen(experts: torch.nn.Module, name: str) -> bool:
     """Whether the experts module keeps its frozen tensor ``name`` in FP8 (with ``name + SCALE_SUFFIX`` scales)."""
-    return getattr(experts, name).dtype == _FP8 and hasattr(experts, name + SCALE_SUFFIX)
+    return getattr(experts, name).dtype == FP8 and hasattr(experts, name + SCALE_SUFFIX)

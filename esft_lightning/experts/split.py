@@ -11,7 +11,6 @@ selection, frozen experts get no weight-gradient work, and no per-step copy of t
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -20,7 +19,9 @@ from torch import nn
 from ..dtensors import full_on_host
 from ..models import MoELayer, UnsupportedModelError, find_moe_layers, is_experts_module
 from ..selection.rules import ExpertConfig
-from .fp8 import FP8_EXPERT_BLOCK, SCALE_SUFFIX, dequantize_experts, is_fp8_frozen, quantize_experts
+from ..weights.fp8_blocks import FP8, SCALE_SUFFIX, dequantize_experts, quantize_experts, scale_grid
+from .forward import register_esft_forward
+from .fp8 import is_fp8_frozen
 from .state import (
     ESFT_IMPLEMENTATION,
     EXPERT_IDS,
@@ -37,11 +38,7 @@ from .state import (
     set_expert_config,
 )
 
-FP8 = torch.float8_e4m3fn
-"""The storage dtype of 8-bit frozen experts (``apply_expert_config(frozen_dtype=FP8)``)."""
-
 __all__ = [
-    "FP8",
     "apply_expert_config",
     "install_split",
     "remove_expert_split",
@@ -81,7 +78,7 @@ def apply_expert_config(
     Applying again first folds the previous selection's trained values back into the fused tensors.
     ``trainable_dtype`` (e.g. ``torch.float32`` for a bf16 model) keeps the selected experts' trainable
     copies, and so their gradients and AdamW state, in that dtype: small lr updates are not rounded away.
-    ``frozen_dtype=torch.float8_e4m3fn`` keeps every layer's frozen routed experts in block FP8 (``fp8_experts``):
+    ``frozen_dtype=torch.float8_e4m3fn`` keeps every layer's frozen routed experts in block FP8 (``experts/fp8.py``):
     half the bytes of bf16, dequantized expert by expert as the forward uses them.
     Returns counts: trainable / total parameters and selected experts.
     """
@@ -187,6 +184,7 @@ def _experts_configs(model: nn.Module) -> list[Any]:
 
 def use_esft_implementation(model: nn.Module) -> None:
     """Dispatch every experts module of ``model`` to the ``esft`` implementation, remembering each one's own."""
+    register_esft_forward()
     for module in model.modules():
         if is_experts_module(module) and module.config._experts_implementation != ESFT_IMPLEMENTATION:
             experts_state(module, create=True).base_implementation = module.config._experts_implementation
@@ -300,7 +298,7 @@ def _store_frozen_fp8(experts: nn.Module, names: tuple[str, ...]) -> torch.dtype
         full = getattr(experts, name)
         if full.is_meta:
             e, a, b = full.shape
-            grid = (e, math.ceil(a / FP8_EXPERT_BLOCK[0]), math.ceil(b / FP8_EXPERT_BLOCK[1]))
+            grid = (e, *scale_grid(a, b))
             weight, scale = torch.empty(full.shape, dtype=FP8, device="meta"), torch.empty(grid, device="meta")
         else:
             weight, scale = quantize_experts(full.detach())

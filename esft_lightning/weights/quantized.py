@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 
-from ..experts.fp8 import quantize_experts
+from .fp8_blocks import SCALE_SUFFIX, quantize_experts
 
 __all__ = [
-    "FP8_SCALE_SUFFIX",
     "MXFP4_BLOCKS_SUFFIX",
     "MXFP4_SCALES_SUFFIX",
     "QuantizationScheme",
@@ -42,7 +41,6 @@ __all__ = [
     "transposed_parameters",
 ]
 
-FP8_SCALE_SUFFIX = "_scale_inv"
 MXFP4_BLOCKS_SUFFIX = "_blocks"
 MXFP4_SCALES_SUFFIX = "_scales"
 
@@ -159,7 +157,7 @@ def dequantize_mxfp4(blocks_EOGB: torch.Tensor, scales_EOG: torch.Tensor) -> tor
 # -- writing (tests, the merged model's `original` format, benchmarks) ------------------------------------------
 def quantize_fp8_blocks(weight_OI: torch.Tensor, block_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2D weight -> (``float8_e4m3fn`` weight, float32 ``scale_inv`` per block), each block's max at 448 (one
-    expert of ``fp8_experts.quantize_experts``)."""
+    expert of ``fp8_blocks.quantize_experts``)."""
     weight, scale = quantize_experts(weight_OI[None], block_size)
     return weight[0], scale[0]
 
@@ -199,8 +197,8 @@ def quantized_tensor_names(keys: list[str], scheme: QuantizationScheme | None) -
     if scheme is None:
         return pairs
     for key in keys:
-        if scheme.method == "fp8" and key.endswith(FP8_SCALE_SUFFIX):
-            weight = key.removesuffix(FP8_SCALE_SUFFIX)
+        if scheme.method == "fp8" and key.endswith(SCALE_SUFFIX):
+            weight = key.removesuffix(SCALE_SUFFIX)
             if weight in present:
                 pairs[weight] = ("fp8", weight, key)
         elif scheme.method == "mxfp4" and key.endswith(MXFP4_BLOCKS_SUFFIX):

@@ -1,4 +1,9 @@
-"""Fill a model built on the meta device straight from its safetensors files: each FSDP2 rank reads its own rows."""
+"""Fill a model built on the meta device straight from its safetensors files: each FSDP2 rank reads its own rows.
+
+Which stored tensor and rows fill a parameter, and how the values are stored, is a ``FileLayout``: the model's own
+names here; the experts split supplies its own layout (``experts.file_layout``) for trainable copies, 8-bit frozen
+experts and expert-parallel shards, so this module knows nothing of the split.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,25 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from ..experts.fp8 import SCALE_SUFFIX, is_fp8_frozen, quantize_experts
-from ..experts.state import EXPERT_IDS, TRAINED_PREFIX, expert_shard
 from .weight_files import RowsSpec, WeightFiles
 
-__all__ = ["fill_from_files", "load_persistent_buffers", "local_rows", "on_meta"]
+__all__ = ["FileLayout", "fill_from_files", "load_persistent_buffers", "local_rows", "on_meta"]
+
+
+class FileLayout:
+    """How a model's parameters map onto its files: each parameter is the stored tensor of its own name."""
+
+    def source(self, model: nn.Module, name: str, rows: range | None) -> tuple[str, RowsSpec]:
+        """The stored tensor and rows that fill parameter ``name`` (``rows``: this rank's rows, None for all)."""
+        return name, rows
+
+    def filled_elsewhere(self, owner: nn.Module, leaf: str) -> bool:
+        """Whether ``owner.<leaf>`` is written together with another parameter (so the loop skips it)."""
+        return False
+
+    def store(self, owner: nn.Module, leaf: str, local: torch.Tensor, value: torch.Tensor) -> None:
+        """Write the values read for ``owner.<leaf>`` into its (local) tensor."""
+        local.copy_(value)
 
 
 def on_meta(model: nn.Module) -> bool:
@@ -34,15 +53,18 @@ def load_persistent_buffers(model: nn.Module, files: WeightFiles) -> None:
                     buffer.copy_(value)
 
 
-def fill_from_files(model: nn.Module, files: WeightFiles, device: torch.device) -> int:
+def fill_from_files(
+    model: nn.Module, files: WeightFiles, device: torch.device, layout: FileLayout | None = None
+) -> int:
     """Allocate this rank's shards of a model sharded on the meta device and read them from ``files``.
 
     Every parameter that FSDP2 sharded (``Shard(0)`` DTensors) gets the rows of dim 0 this rank owns, read
-    from the files (only those rows); a plain parameter gets the whole tensor. The small trainable copies of
-    selected experts (``esft_<name>``) are read from the fused tensor's rows of their experts. Non-persistent
+    from the files (only those rows); a plain parameter gets the whole tensor; ``layout`` says where each one's
+    values are stored (default: under its own name). Non-persistent
     buffers (rotary tables, expert-slot maps) were built for real with the model and are kept as they are;
     persistent ones are read from the files. Returns the bytes read into parameters.
     """
+    layout = layout or FileLayout()
     keep = _non_persistent_buffers(model)
     model.to_empty(device=device)  # this rank's shards only: FSDP2 parameters are local shards
     for (module, name), value in keep.items():  # (the expert-slot maps are read below)
@@ -52,9 +74,9 @@ def fill_from_files(model: nn.Module, files: WeightFiles, device: torch.device) 
         for name, param in model.named_parameters():
             module_name, _, leaf = name.rpartition(".")
             owner = model.get_submodule(module_name)
-            if leaf.endswith(SCALE_SUFFIX) and is_fp8_frozen(owner, leaf.removesuffix(SCALE_SUFFIX)):
-                continue  # filled with its 8-bit weight below
-            source, rows = _source_rows(model, name, local_rows(param))
+            if layout.filled_elsewhere(owner, leaf):
+                continue
+            source, rows = layout.source(model, name, local_rows(param))
             local = param.to_local() if isinstance(param, DTensor) else param
             value = files.read(source, rows)
             if value.shape != local.shape:
@@ -63,11 +85,7 @@ def fill_from_files(model: nn.Module, files: WeightFiles, device: torch.device) 
                     f"{name} is {tuple(local.shape)} (is the directory the model's own?)"
                 )
             read += value.numel() * value.element_size()
-            if is_fp8_frozen(owner, leaf):  # 8-bit frozen experts: this rank's rows quantized as they arrive
-                value, scale = quantize_experts(value)
-                scale_param = getattr(owner, leaf + SCALE_SUFFIX)
-                (scale_param.to_local() if isinstance(scale_param, DTensor) else scale_param).copy_(scale)
-            local.copy_(value)
+            layout.store(owner, leaf, local, value)
         load_persistent_buffers(model, files)
     return read
 
@@ -82,22 +100,6 @@ def local_rows(param: torch.Tensor) -> range | None:
         raise NotImplementedError(f"only dim-0 sharding is read from files, got placements {param.placements}")
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     return range(offset[0], offset[0] + shape[0])
-
-
-def _source_rows(model: nn.Module, name: str, rows: range | None) -> tuple[str, RowsSpec]:
-    """Where a parameter's rows come from: itself, or for a trainable expert copy, its experts' fused rows."""
-    module_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(module_name)
-    shard = expert_shard(owner)  # expert parallel: this rank's experts start at shard.first
-    first = 0 if shard is None else shard.first
-    if not leaf.startswith(TRAINED_PREFIX):
-        if shard is None:
-            return name, rows
-        rows = range(shard.count) if rows is None else rows
-        return name, range(first + rows.start, first + rows.stop)
-    ids = [first + int(i) for i in getattr(owner, EXPERT_IDS).tolist()]  # built on the host with the selection
-    fused = f"{module_name}.{leaf.removeprefix(TRAINED_PREFIX)}"
-    return fused, ids if rows is None else [ids[i] for i in rows]
 
 
 def _non_persistent_buffers(model: nn.Module) -> dict[tuple[nn.Module, str], torch.Tensor]:
