@@ -12,9 +12,9 @@ import yaml
 
 from esft_lightning import ESFTModule
 from esft_lightning.cli import MemoryPlanError, main, parse_config, plan_inputs
+from esft_lightning.constants import TRAINING_HEADROOM
 from esft_lightning.models import find_moe_layers
 from esft_lightning.planning.plan import (
-    HEADROOM,
     GiB,
     PlanRequest,
     activation_bytes,
@@ -228,7 +228,7 @@ def _between_checkpointing_and_not(cfg) -> int:
     with_ac = _plan("--config", str(cfg), "--model.activation_checkpointing", "true")
     need, ac_need = plain["per_rank"]["total_bytes"], with_ac["per_rank"]["total_bytes"]
     assert ac_need < need
-    return int((need + ac_need) / 2 / HEADROOM)
+    return int((need + ac_need) / 2 / TRAINING_HEADROOM)
 
 
 class _Loaded(Exception):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..data.datamodule import ESFTDataModule
 from ..data.sources import Source
 from ..data.templates import Template
 from ..data.tokenizer import as_tokenizer
@@ -59,9 +60,8 @@ def find_tokenizer(
         tokenizer = getattr(owner, "tokenizer", None)
         if isinstance(tokenizer, PreTrainedTokenizerBase):
             return tokenizer
-    resolve = getattr(datamodule, "_resolve_tokenizer", None)  # ESFTDataModule loads its tokenizer lazily
-    if resolve is not None:
-        return resolve()
+    if isinstance(datamodule, ESFTDataModule):  # it loads its tokenizer lazily
+        return datamodule.resolve_tokenizer()
     raise ValueError(
         f"no tokenizer found: pass tokenizer=<directory or tokenizer> to the callback, or give the datamodule or "
         f"{type(pl_module).__name__} a `tokenizer` attribute"
@@ -91,8 +91,6 @@ def profiling_batches(
     if datamodule is not None and hasattr(datamodule, "task_dataloader"):
         return datamodule.task_dataloader(batch_size, shard=shard)
     if profile_data:
-        from ..data.datamodule import ESFTDataModule
-
         data = ESFTDataModule(
             task=list(profile_data),
             general_ratio=0.0,

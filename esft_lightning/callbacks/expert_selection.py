@@ -83,6 +83,11 @@ class ExpertSelectionCallback(L.Callback):
             ``expert_cfg.json`` and the checkpoint.
     """
 
+    @classmethod
+    def of(cls, trainer: L.Trainer) -> ExpertSelectionCallback | None:
+        """The Trainer's ``ExpertSelectionCallback``, None when it has none."""
+        return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+
     def __init__(
         self,
         score_function: ScoreFunction = "token",
@@ -284,7 +289,7 @@ def prepare_for_sharding(model: nn.Module, trainer: L.Trainer) -> nn.Module:
     ``trainer.ckpt_path = path`` before the call, as ``esft`` does, for the checkpoint's selection to apply here.)
     Returns ``model``.
     """
-    callback = next((cb for cb in trainer.callbacks if isinstance(cb, ExpertSelectionCallback)), None)
+    callback = ExpertSelectionCallback.of(trainer)
     if callback is not None:
         callback.prepare(trainer, trainer.lightning_module, model)
     else:

@@ -10,7 +10,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from ..data.packing import SequenceDataset
 from ..data.sources import Source
+from ..data.windows import Mixed
 from ..routing.profile import profile_routing
 from .context import as_sources, moe_model, profiling_batches
 
@@ -36,8 +38,6 @@ def general_dataloader(
     datamodule: L.LightningDataModule, batch_size: int | None = None, shard: bool = True
 ) -> DataLoader:
     """The general-data training sequences (no task data) in a fixed order, like ``task_dataloader``."""
-    from ..data.packing import SequenceDataset
-    from ..data.windows import Mixed
 
     if not datamodule.train_sequences:
         datamodule.setup("fit")

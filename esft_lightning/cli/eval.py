@@ -10,6 +10,12 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import load_adapter
+from ..evaluation.evaluate import evaluate_set, load_eval_set
+from ..evaluation.judge import JUDGE_TASKS, Judge, JudgeConfig, config_help, judge_from_args, judge_task_for
+from ..files import atomic_write_text
+from ..weights.loading import load_model, load_tokenizer, resolve_model_path
+
 
 def parse_eval_set(spec: str) -> dict[str, str]:
     """``name=path`` or ``path`` (named after the file) -> ``{"name", "path"}``."""
@@ -31,7 +37,6 @@ def parse_judge_prompt(spec: str) -> tuple[str, str]:
 
 def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--judge_<field>`` flag per ``JudgeConfig`` field (help from its docstring), plus ``--judge_prompt``."""
-    from ..evaluation.judge import JUDGE_TASKS, JudgeConfig, config_help
 
     group = parser.add_argument_group(
         "LLM judge", "rate predictions 0-10 with an OpenAI-compatible chat endpoint (on when --judge_base_url is set)"
@@ -80,10 +85,6 @@ def eval_main(argv: list[str]) -> dict:
     parser.add_argument("--out", default=None, help="JSON file for scores and predictions")
     add_judge_arguments(parser)
     ns = parser.parse_args(argv)
-    from ..evaluation.evaluate import evaluate_set, load_eval_set
-    from ..evaluation.judge import JUDGE_TASKS, Judge, judge_from_args, judge_task_for
-    from ..files import atomic_write_text
-    from ..weights.loading import load_model, load_tokenizer, resolve_model_path
 
     samples = {s["name"]: load_eval_set(s["path"], ns.max_samples) for s in ns.eval_sets}  # fail before loading
     try:
@@ -104,8 +105,6 @@ def eval_main(argv: list[str]) -> dict:
     tokenizer = load_tokenizer(model_path=path, trust_remote_code=ns.trust_remote_code)
     model = load_model(path, dtype=ns.dtype, trust_remote_code=ns.trust_remote_code)
     if ns.adapter:
-        from ..adapters import load_adapter
-
         load_adapter(model, ns.adapter)
     model.to(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = {"model": ns.model, "adapter": ns.adapter, "max_new_tokens": ns.max_new_tokens, "sets": {}}

@@ -6,8 +6,15 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
+from ..callbacks import ExpertSelectionCallback
+from ..constants import TRAINING_HEADROOM
+from ..distributed.strategy import is_fsdp2
 from ..module import ESFTModule
+from ..planning.plan import GiB, PlanRequest, build_meta_model, parse_bytes, plan_memory, usable
+from ..planning.stored_weights import stored_weights
+from ..selection.rules import ExpertConfig
 from ..selection.spec import SelectionSpec
+from ..weights.loading import MODEL_ARGS, load_tokenizer, resolve_model_path
 from .fit_config import parse_config
 
 if TYPE_CHECKING:
@@ -27,15 +34,10 @@ def plan_main(argv: list[str]) -> None:
     parser.add_argument("--expert_config", default=None, help="an expert_cfg.json: exact trainable sizes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     ns, rest = parser.parse_known_args(argv)
-    from ..planning.plan import build_meta_model, plan_memory
 
     load_args, request = plan_inputs(parse_config(rest))
     if ns.expert_config:
-        from ..selection.rules import ExpertConfig
-
         request.expert_config = ExpertConfig.load(ns.expert_config)
-    from ..planning.stored_weights import stored_weights
-    from ..weights.loading import resolve_model_path
 
     model = build_meta_model(**load_args)
     storage = stored_weights(resolve_model_path(load_args["model"], load_args["family"]), model)  # before selection
@@ -52,9 +54,6 @@ def plan_inputs(config: Any, trainer: L.Trainer | None = None, module: Any = Non
     (``devices: auto`` counts the CUDA GPUs here, 1 without any)."""
     import torch
 
-    from ..planning.plan import PlanRequest, parse_bytes
-    from ..weights.loading import MODEL_ARGS, load_tokenizer, resolve_model_path
-
     model, data, tr = config.model, config.data, config.trainer
     load_args = {name: model[name] for name in MODEL_ARGS}
     on_cpu = str(tr.accelerator) == "cpu" if trainer is None else trainer.strategy.root_device.type != "cuda"
@@ -67,8 +66,6 @@ def plan_inputs(config: Any, trainer: L.Trainer | None = None, module: Any = Non
         load_args["vocab_size"] = len(tokenizer)
     if trainer is not None:
         from lightning.pytorch.strategies import DDPStrategy
-
-        from ..distributed.strategy import is_fsdp2
 
         world, per_node = trainer.world_size, trainer.num_devices
         strategy = (
@@ -125,9 +122,7 @@ def _selection_spec(callbacks: Any, trainer: L.Trainer | None) -> tuple[Selectio
     from dataclasses import fields
 
     if trainer is not None:
-        from ..callbacks import ExpertSelectionCallback
-
-        found = next((cb for cb in trainer.callbacks if isinstance(cb, ExpertSelectionCallback)), None)
+        found = ExpertSelectionCallback.of(trainer)
         return (found.spec, found.profile_batch_size) if found is not None else (SelectionSpec(), None)
     for entry in callbacks or []:
         if hasattr(entry, "get") and str(entry.get("class_path", "")).endswith("ExpertSelectionCallback"):
@@ -150,8 +145,6 @@ def check_memory_plan(trainer: L.Trainer, module: Any, datamodule: Any, config: 
     if options.device_memory is None and trainer.strategy.root_device.type != "cuda":
         return  # nothing to plan against on CPU
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-
-    from ..planning.plan import GiB, build_meta_model, plan_memory
 
     load_args, request = plan_inputs(config, trainer, module)
     plan = plan_memory(build_meta_model(**load_args), request)
@@ -176,7 +169,6 @@ def check_memory_plan(trainer: L.Trainer, module: Any, datamodule: Any, config: 
 
 def format_plan(plan: Any) -> str:
     """A ``planning.Plan`` as the table ``esft plan`` prints: one column per scenario, GiB (or MiB) per rank."""
-    from ..planning.plan import HEADROOM, GiB, usable
 
     r, sel = plan.request, plan.selection
     names = {"esft": "ESFT", "fft": "full FT"}
@@ -217,7 +209,8 @@ def format_plan(plan: Any) -> str:
         verdict = "fits" if plan.fits else f"does NOT fit: short by {plan.shortfall_bytes / GiB:.2f} GiB"
         lines.append(
             f"this run (ESFT {'ep' if ep else r.strategy}): {need / GiB:.2f} GiB per rank of "
-            f"{usable(r.device_memory) / GiB:.2f} GiB usable ({HEADROOM:.0%} of {r.device_memory / GiB:.2f} GiB): "
+            f"{usable(r.device_memory) / GiB:.2f} GiB usable "
+            f"({TRAINING_HEADROOM:.0%} of {r.device_memory / GiB:.2f} GiB): "
             f"{verdict}"
         )
         lines += [f"  fix: {fix}" for fix in plan.fixes]

@@ -101,7 +101,7 @@ def _profile_or_select(command: str, argv: list[str]) -> None:
 def configured_spec(trainer: L.Trainer, overrides: dict) -> tuple[SelectionSpec, int | None]:
     """The config's ExpertSelectionCallback settings (or the defaults) with the command line's explicit ones, as a
     spec that always profiles; and the callback's profiling batch size."""
-    found = next((cb for cb in trainer.callbacks if isinstance(cb, ExpertSelectionCallback)), None)
+    found = ExpertSelectionCallback.of(trainer)
     spec = found.spec if found is not None else SelectionSpec()
     score_function = overrides.get("score_function") or spec.score_function
     if score_function not in ("token", "gate"):

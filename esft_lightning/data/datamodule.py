@@ -18,7 +18,7 @@ from .constants import IGNORE_INDEX, DataError
 from .packing import ResumableSampler, SequenceDataset, gradient_accumulation, mixture_counts, pack_sequences
 from .sources import Source, tokenize_source
 from .templates import Template
-from .tokenizer import as_tokenizer
+from .tokenizer import as_tokenizer, byte_tokenizer
 from .windows import Mixed, Windows
 
 # torchdata 0.11 calls a torch API that torch 2.13 deprecated, once per loader iterator: noise for users.
@@ -121,7 +121,8 @@ class ESFTDataModule(L.LightningDataModule):
     def val_names(self) -> list[str]:
         return [s.label for s in self.sources]
 
-    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+    def resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer: the one given, else ``tokenizer_path``'s, else the LightningModule's, else byte-level."""
         if self.tokenizer is not None:
             return self.tokenizer
         if self.tokenizer_path:
@@ -129,8 +130,6 @@ class ESFTDataModule(L.LightningDataModule):
         elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
         else:
-            from .tokenizer import byte_tokenizer
-
             self.tokenizer = byte_tokenizer()
         return self.tokenizer
 
@@ -149,7 +148,7 @@ class ESFTDataModule(L.LightningDataModule):
             self.trainer.val_check_interval = self.val_every_n_steps * self.trainer.accumulate_grad_batches
         if self.train_sequences:
             return
-        tokenizer = self._resolve_tokenizer()
+        tokenizer = self.resolve_tokenizer()
         names = [s.label for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"data sources need distinct names (set `name`), got {names}")
@@ -237,7 +236,7 @@ class ESFTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         if not self.test:
             return self.val_dataloader()
-        tokenizer = self._resolve_tokenizer()
+        tokenizer = self.resolve_tokenizer()
         loaders = []
         for source in self.test:
             ds = tokenize_source(source.path, tokenizer, self.cache_dir, self.template, source.columns)
@@ -262,7 +261,7 @@ class ESFTDataModule(L.LightningDataModule):
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad to the longest sequence of the batch: pad id, label -100, attention mask 0."""
         length = max(len(x["input_ids"]) for x in items)
-        pad_id = self._resolve_tokenizer().pad_token_id or 0
+        pad_id = self.resolve_tokenizer().pad_token_id or 0
         batch = {
             "input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
             "labels": torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long),

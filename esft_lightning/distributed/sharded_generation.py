@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from ..constants import GENERATION_HEADROOM
 from ..dtensors import model_is_sharded
 from ..experts.state import expert_shard
 
@@ -41,7 +42,6 @@ __all__ = [
     "GenerationMode",
     "UnshardPolicy",
     "MemoryReport",
-    "HEADROOM",
     "fsdp_modules",
     "unsharded_bytes",
     "available_bytes",
@@ -55,10 +55,6 @@ __all__ = [
 GenerationMode = Literal["local", "unsharded", "gathered"]
 # "auto": unshard when the memory check says it fits; "always"/"never": skip the check (benchmarks, tests).
 UnshardPolicy = Literal["auto", "always", "never"]
-
-# Share of the free memory the unsharded copy may take: the KV cache, the logits, the allocator's slack and
-# whatever else runs on the device (other ranks' growth, the data loader on the host) need the rest.
-HEADROOM = 0.8
 
 
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
@@ -127,7 +123,7 @@ class MemoryReport:
     available: int | None
 
 
-def unshard_fits(reports: Sequence[MemoryReport], headroom: float = HEADROOM) -> bool:
+def unshard_fits(reports: Sequence[MemoryReport], headroom: float = GENERATION_HEADROOM) -> bool:
     """Whether every rank can unshard: per memory ``place``, the ranks' needs together fit in ``headroom`` of
     the least free memory any of them saw (they read it at about the same time, before anyone unsharded)."""
     places: dict[str, list[MemoryReport]] = {}
@@ -172,7 +168,7 @@ def _gib(n: int | None) -> str:
 
 @contextmanager
 def sharded_generation(
-    model: nn.Module, policy: UnshardPolicy = "auto", headroom: float = HEADROOM
+    model: nn.Module, policy: UnshardPolicy = "auto", headroom: float = GENERATION_HEADROOM
 ) -> Iterator[GenerationMode]:
     """Prepare ``model`` for a whole evaluation's generation; yields the ``GenerationMode`` to generate in.
 

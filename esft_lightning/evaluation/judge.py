@@ -19,6 +19,9 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
+from ..data.token_store import default_cache_dir
+from ..files import atomic_write_text
+
 __all__ = [
     "JUDGE_PROMPT_VERSION",
     "JUDGE_TASKS",
@@ -216,8 +219,6 @@ class Judge:
         if config.cache_dir:
             self.cache_dir = Path(config.cache_dir)
         else:
-            from ..data.token_store import default_cache_dir
-
             self.cache_dir = default_cache_dir() / "judge"
         self.http_requests = 0
         self.cache_hits = 0
@@ -344,7 +345,6 @@ class Judge:
 
         Raises ``JudgeError`` (naming the URL) when the endpoint cannot score: never a silent 0.
         """
-        from ..files import atomic_write_text
 
         if not len(prompts) == len(answers) == len(predictions):
             raise ValueError(f"{len(prompts)} prompts, {len(answers)} reference lists, {len(predictions)} answers")

@@ -19,23 +19,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..constants import TRAINING_HEADROOM
 from ..experts.state import expert_config_of
 from ..models import find_moe_layers
 from ..pipeline import apply, trainable_dtype
 from ..selection.rules import ExpertConfig, all_experts, no_experts
 from ..selection.spec import SelectionSpec
+from ..weights.loading import load_model
 from .memory_model import TensorBytes, activation_bytes, profiling_bytes, tensor_bytes
 
 __all__ = [
-    "DEVICES", "HEADROOM", "Plan", "PlanOptions", "PlanRequest", "RankMemory", "activation_bytes", "build_meta_model",
+    "DEVICES", "Plan", "PlanOptions", "PlanRequest", "RankMemory", "activation_bytes", "build_meta_model",
     "parse_bytes", "plan_memory", "selection_bound", "usable",
 ]  # fmt: skip
 
 GiB = 2**30
 DEVICES = {"H100-80GB": 81559 * 2**20, "H200-141GB": 143771 * 2**20, "A100-80GB": 81920 * 2**20}
 """Device memory as ``torch.cuda.get_device_properties().total_memory`` reports it."""
-HEADROOM = 0.9
-"""Share of device memory a plan may fill: the rest is the CUDA context, NCCL buffers, allocator fragmentation."""
 STRATEGIES = ("fsdp2", "ddp", "single")
 
 
@@ -144,7 +144,7 @@ class Plan:
 
 
 def usable(device_memory: int) -> int:
-    return int(device_memory * HEADROOM)
+    return int(device_memory * TRAINING_HEADROOM)
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:
@@ -164,7 +164,6 @@ def parse_bytes(value: int | float | str | None) -> int | None:
 
 def build_meta_model(**load_args: Any) -> nn.Module:
     """The run's model on the meta device: ``models.loading.load_model(..., on_meta=True)`` (config.json only)."""
-    from ..weights.loading import load_model
 
     return load_model(**{**load_args, "on_meta": True})
 

@@ -11,12 +11,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from ..constants import PROFILING_HEADROOM
 from ..weights.sharded_loading import on_meta
+from ..weights.weight_files import WeightFiles, has_safetensors
 
 Placement = Literal["auto", "move", "offload"]
-
-# Room left on the GPU for activations of the profiling forward (and the allocator's slack).
-_GPU_HEADROOM = 0.85
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -30,7 +29,7 @@ def fits_on(model: nn.Module, device: torch.device) -> bool:
     if device.type != "cuda":
         return True
     free, _total = torch.cuda.mem_get_info(device)
-    return model_bytes(model) <= _GPU_HEADROOM * free
+    return model_bytes(model) <= PROFILING_HEADROOM * free
 
 
 @contextmanager
@@ -87,8 +86,6 @@ def streamed_from_files(model: nn.Module, device: torch.device) -> Iterator[torc
     ``WeightFiles``): one layer's weights in memory at a time, never the whole model."""
     from accelerate import cpu_offload
     from accelerate.hooks import remove_hook_from_submodules
-
-    from ..weights.weight_files import WeightFiles, has_safetensors
 
     directory = getattr(model, "name_or_path", None)
     if not has_safetensors(directory):

@@ -10,7 +10,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..data.tokenizer import byte_tokenizer
+from ..models import build_tiny_model, enable_activation_checkpointing, get_family
+from ..resources import EMBEDDED, pretrained_path
 from .quantized import read_quantization
+from .sharded_loading import fill_from_files, load_persistent_buffers
 from .weight_files import WeightFiles, has_safetensors
 
 __all__ = ["MODEL_ARGS", "load_model", "load_tokenizer", "resolve_model_path", "param_dtype"]
@@ -24,7 +28,6 @@ MODEL_ARGS = (
 
 def resolve_model_path(model: str | None, family: str | None = None) -> str | None:
     """``embedded`` (or neither a model nor a family) -> the shipped pretrained tiny MoE's directory."""
-    from ..resources import EMBEDDED, pretrained_path
 
     if model == EMBEDDED or (model is None and family is None):
         return str(pretrained_path())
@@ -48,7 +51,6 @@ def load_tokenizer(
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    from ..data.tokenizer import byte_tokenizer
 
     return byte_tokenizer()
 
@@ -73,7 +75,6 @@ def load_model(
     allocated (FSDP2 ranks, which then read their shards from the files, ``sharded_loading``, or receive them
     from rank 0); buffers are real, persistent ones read from the directory's safetensors files.
     """
-    from ..models import build_tiny_model, enable_activation_checkpointing, get_family
 
     # CPU grouped_mm can hit denormals on rarely-used expert rows (one run measured 48x slower).
     torch.set_flush_denormal(True)
@@ -87,7 +88,6 @@ def load_model(
             raise FileNotFoundError(
                 f"model directory {path!r} does not exist (models load from local directories only)"
             )
-        from .sharded_loading import fill_from_files, load_persistent_buffers
 
         quantized = read_quantization(path)
         if on_meta or quantized:
