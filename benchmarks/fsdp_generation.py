@@ -66,7 +66,7 @@ def worker(rank: int, world: int, folder: str, spec: dict) -> None:
     from transformers import AutoModelForCausalLM
 
     from esft_lightning.data.tokenizer import byte_tokenizer
-    from esft_lightning.distributed.sharded_generation import sharded_generation
+    from esft_lightning.distributed.generation import sharded_generation
     from esft_lightning.evaluation.evaluate import evaluate_set
 
     torch.set_num_threads(max(1, spec["threads"] // world))  # the ranks share the cores

@@ -19,7 +19,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RANK_MODE = "--rank-mode"
@@ -73,8 +75,50 @@ def rank_main(argv: list[str]) -> None:
         fit_start(self)
 
     ESFTModule.on_fit_start = on_fit_start
+    if os.environ.get("ESFT_HOSTMEM_TRACE"):
+        _trace_phases(lambda: (current_host_bytes() - baseline, status()["RssAnon"] - base["RssAnon"]))
     atexit.register(report, "fit")
     main(argv)
+
+
+def _trace_phases(now: Callable[[], tuple[int, int]]) -> None:
+    """``--trace``: print this rank's resident and private memory above the baseline around each start-up phase,
+    and the peak within it (the phases: build on meta, profiling and selection, sharding, reading the files)."""
+    import functools
+
+    import esft_lightning.callbacks.expert_selection as selection_callback
+    import esft_lightning.distributed.fsdp as fsdp
+    import esft_lightning.module as module
+    from esft_lightning.distributed.host_memory import peak_host_bytes
+
+    rank = os.environ.get("LOCAL_RANK", "0")
+
+    def traced(owner: Any, name: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            rss, anon = now()
+            print(
+                f"HOSTTRACE rank {rank} before {name}: rss {rss / 2**20:.0f} MiB anon {anon / 2**20:.0f} MiB",
+                flush=True,
+            )
+            out = original(*args, **kwargs)
+            rss, anon = now()
+            print(
+                f"HOSTTRACE rank {rank} after {name}: rss {rss / 2**20:.0f} MiB anon {anon / 2**20:.0f} MiB "
+                f"(process peak so far {peak_host_bytes() / 2**20:.0f} MiB)",
+                flush=True,
+            )
+            return out
+
+        setattr(owner, name, wrapper)
+
+    traced(module.ESFTModule, "build_model")
+    traced(module, "prepare_for_sharding")
+    traced(selection_callback, "decide")
+    traced(module, "shard_model")
+    traced(fsdp, "fill_from_files")
 
 
 def save_model(path: Path, hidden: int, experts: int, layers: int) -> int:
@@ -129,7 +173,7 @@ def write_config(tmp: Path, model_dir: Path) -> Path:
 TARGETS = {2: 0.75, 4: 0.5}  # every rank's loading peak, as a multiple of the model's bytes
 
 
-def run_fit(tmp: Path, ranks: int) -> str:
+def run_fit(tmp: Path, ranks: int, trace: bool = False) -> str:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -143,10 +187,14 @@ def run_fit(tmp: Path, ranks: int) -> str:
         f"--trainer.devices={ranks}",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ESFT_CACHE_DIR": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+    if trace:
+        env["ESFT_HOSTMEM_TRACE"] = "1"
     done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
     out = done.stdout + done.stderr
     if done.returncode != 0:
         sys.exit(out[-12000:])
+    if trace:
+        print("\n".join(line for line in out.splitlines() if line.startswith("HOSTTRACE")))
     return out
 
 
@@ -157,6 +205,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--fp8", action="store_true", help="the directory in block FP8, as DeepSeek-V3 ships")
+    parser.add_argument("--trace", action="store_true", help="also print each rank's memory around each phase")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -167,7 +216,7 @@ def main() -> None:
             write_fp8_checkpoint(tmp / "model", tmp / "fp8")
             shutil.rmtree(tmp / "model")
             (tmp / "fp8").rename(tmp / "model")
-        outputs = {ranks: run_fit(tmp, ranks) for ranks in args.ranks}
+        outputs = {ranks: run_fit(tmp, ranks, args.trace) for ranks in args.ranks}
     files = "block-FP8 files" if args.fp8 else "files in the model's dtype"
     print(
         f"model: {model_bytes / 2**30:.2f} GiB of parameters ({args.layers} MoE layers, {args.experts} experts, "

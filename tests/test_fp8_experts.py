@@ -169,6 +169,7 @@ def _rank_fills_8bit_shards(rank: int, world: int, path: str, out: str) -> None:
         assert any(isinstance(p, DTensor) and p.dtype == FP8 for p in model.parameters())
         if rank == 0:
             torch.save(tensors, f"{out}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down (a peer gone mid-teardown can abort)
     finally:
         dist.destroy_process_group()
 

@@ -110,6 +110,23 @@ def test_the_state_attribute_name_models_repeats_is_the_experts_one():
     assert f'vars(self.experts).get("{STATE_ATTR}")' in (PACKAGE / "models" / "base.py").read_text()
 
 
+def test_no_package_exports_a_name_that_hides_one_of_its_modules():
+    """``from pkg import mod`` must give the module: a function re-exported under the module's name would hide it."""
+    import pkgutil
+
+    import esft_lightning
+
+    hidden = []
+    for info in pkgutil.walk_packages(esft_lightning.__path__, "esft_lightning."):
+        if info.ispkg:
+            package = importlib.import_module(info.name)
+            for sub in pkgutil.iter_modules(package.__path__):
+                value = getattr(package, sub.name, None)
+                if value is not None and not isinstance(value, type(esft_lightning)):
+                    hidden.append(f"{info.name}.{sub.name}")
+    assert hidden == []
+
+
 def test_no_private_name_is_imported_across_modules():
     private = [
         f"{name} imports {target}.{n}"

@@ -362,7 +362,7 @@ def test_plan_says_what_the_files_hold_and_what_training_holds(tmp_path, make, c
     import shutil
 
     from esft_lightning.cli import main
-    from esft_lightning.planning.stored_weights import stored_weights
+    from esft_lightning.planning.storage import stored_weights
 
     from .test_cli import quick_config
 

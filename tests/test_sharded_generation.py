@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from esft_lightning.data.tokenizer import byte_tokenizer
-from esft_lightning.distributed.sharded_generation import MemoryReport, sharded_generation, unshard_fits
+from esft_lightning.distributed.generation import MemoryReport, sharded_generation, unshard_fits
 from esft_lightning.evaluation.evaluate import evaluate_set
 from esft_lightning.models import build_tiny_model
 
@@ -85,7 +85,7 @@ def _sharded_checks(world: int) -> dict:
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
     from torch.distributed.tensor import DTensor
 
-    from esft_lightning.distributed import sharded_generation as sg
+    from esft_lightning.distributed import generation as sg
     from esft_lightning.distributed.fsdp import shard_model
 
     gathers = [0]  # FSDP all-gathers (one per module unshard), counted where FSDP issues them

@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
-from ..distributed.sharded_generation import UnshardPolicy, sharded_generation
+from ..distributed.generation import UnshardPolicy, sharded_generation
 from ..evaluation.evaluate import EvalSample, evaluate_set, load_eval_set
 from ..evaluation.judge import JUDGE_TASKS, Judge, JudgeConfig, judge_task_for
 from ..files import atomic_write_text

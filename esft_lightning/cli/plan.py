@@ -11,7 +11,7 @@ from ..constants import TRAINING_HEADROOM
 from ..distributed.strategy import is_fsdp2
 from ..module import ESFTModule
 from ..planning.plan import GiB, PlanRequest, build_meta_model, parse_bytes, plan_memory, usable
-from ..planning.stored_weights import stored_weights
+from ..planning.storage import stored_weights
 from ..selection.rules import ExpertConfig
 from ..selection.spec import SelectionSpec
 from ..weights.loading import MODEL_ARGS, load_tokenizer, resolve_model_path

@@ -2,7 +2,7 @@
 
 from .expert_parallel import ExpertShard, expert_parallel_mesh, localize_experts
 from .fsdp import save_pretrained_merged, shard_model
-from .sharded_generation import sharded_generation
+from .generation import sharded_generation
 from .strategy import FSDP2Strategy, is_fsdp2
 
 __all__ = [

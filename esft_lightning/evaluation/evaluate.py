@@ -17,7 +17,7 @@ from torchmetrics.text import CHRFScore, ROUGEScore
 from transformers import PreTrainedTokenizerBase
 
 from ..data.templates import esft_prompt_text
-from ..distributed.sharded_generation import GenerationMode, UnshardPolicy, sharded_generation
+from ..distributed.generation import GenerationMode, UnshardPolicy, sharded_generation
 from .judge import Judge, JudgeError
 
 __all__ = [
