@@ -153,3 +153,40 @@ def test_every_rank_reads_only_its_shards_and_together_they_are_the_model(tmp_pa
     for rank in range(world):
         read = json.loads(Path(f"{out}.{rank}.json").read_text())["bytes_read"]
         assert read <= 1.25 * total / world, (rank, read, total)  # its own rows (chunks round up), no more
+
+
+@pytest.mark.parametrize("frozen_fp8", [False, True])
+def test_filling_in_row_chunks_reads_the_same_tensors(tmp_path, monkeypatch, frozen_fp8):
+    """Large parameters are read a few rows at a time (bounded transient memory): one row per read gives the same
+    model, trainable copies and 8-bit frozen experts (values and scales) included, as one read per parameter."""
+    import esft_lightning.weights.sharded_loading as sharded_loading
+    from esft_lightning.experts.file_layout import SplitFileLayout
+    from esft_lightning.weights.fp8_blocks import FP8
+
+    path = saved_model(tmp_path / "model")
+    config = ExpertConfig({layer: [1, 3] for layer in range(1, 3)})
+
+    def filled(chunk_bytes: int) -> tuple[dict[str, torch.Tensor], int]:
+        monkeypatch.setattr(sharded_loading, "READ_CHUNK_BYTES", chunk_bytes)
+        model = load_model(str(path), dtype="float32", on_meta=True)
+        apply_expert_config(model, config, frozen_dtype=FP8 if frozen_fp8 else None)
+        files = WeightFiles(path, model)
+        reads = []
+        monkeypatch.setattr(
+            files, "read", lambda name, rows=None, read=files.read: reads.append(name) or read(name, rows)
+        )
+        sharded_loading.fill_from_files(model, files, torch.device("cpu"), SplitFileLayout())
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, len(reads)
+
+    whole, whole_reads = filled(2**40)
+    chunked, chunked_reads = filled(1)
+    assert chunked_reads > whole_reads  # the chunked path ran: several reads for one parameter
+    assert whole.keys() == chunked.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(tensor.view(torch.uint8) if tensor.dtype == FP8 else tensor,
+                           chunked[name].view(torch.uint8) if tensor.dtype == FP8 else chunked[name]), name  # fmt: skip
+    reference = load_model(str(path), dtype="float32")
+    apply_expert_config(reference, config)
+    for name, tensor in reference.named_parameters():
+        if not frozen_fp8 or chunked[name].dtype != FP8:
+            torch.testing.assert_close(chunked[name], tensor.detach(), rtol=0, atol=0, msg=name)

@@ -37,8 +37,9 @@ class SplitFileLayout(FileLayout):
         # An 8-bit frozen tensor's scales are written with its values (``store``).
         return leaf.endswith(SCALE_SUFFIX) and is_fp8_frozen(owner, leaf.removesuffix(SCALE_SUFFIX))
 
-    def store(self, owner: nn.Module, leaf: str, local: torch.Tensor, value: torch.Tensor) -> None:
-        if is_fp8_frozen(owner, leaf):  # 8-bit frozen experts: this rank's rows quantized as they arrive
-            value, scale = quantize_experts(value)
-            local_shard(getattr(owner, leaf + SCALE_SUFFIX)).copy_(scale)
-        local.copy_(value)
+    def store(self, owner: nn.Module, leaf: str, part: slice | None, value: torch.Tensor) -> None:
+        if is_fp8_frozen(owner, leaf):  # 8-bit frozen experts: these rows quantized as they arrive
+            value, scale = quantize_experts(value)  # (blocks never span two experts: rows quantize alone)
+            scales = local_shard(getattr(owner, leaf + SCALE_SUFFIX))
+            (scales if part is None else scales[part]).copy_(scale)
+        super().store(owner, leaf, part, value)

@@ -11,9 +11,14 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from .weight_files import RowsSpec, WeightFiles
+from ..dtensors import local_shard
+from .weight_files import RowsSpec, WeightFiles, return_freed_memory
 
-__all__ = ["FileLayout", "fill_from_files", "load_persistent_buffers", "local_rows", "on_meta"]
+__all__ = ["READ_CHUNK_BYTES", "FileLayout", "fill_from_files", "load_persistent_buffers", "local_rows", "on_meta"]
+
+READ_CHUNK_BYTES = 2**24
+"""A parameter's rows are read this many bytes at a time (at least one row): the transient host memory of a read
+(its buffers, fused experts' stacking, dequantization) stays one chunk, not a whole layer's experts."""
 
 
 class FileLayout:
@@ -27,9 +32,14 @@ class FileLayout:
         """Whether ``owner.<leaf>`` is written together with another parameter (so the loop skips it)."""
         return False
 
-    def store(self, owner: nn.Module, leaf: str, local: torch.Tensor, value: torch.Tensor) -> None:
-        """Write the values read for ``owner.<leaf>`` into its (local) tensor."""
-        local.copy_(value)
+    def store(self, owner: nn.Module, leaf: str, part: slice | None, value: torch.Tensor) -> None:
+        """Write the values read for rows ``part`` of ``owner.<leaf>``'s local tensor (None: all of it)."""
+        _local_part(getattr(owner, leaf), part).copy_(value)
+
+
+def _local_part(tensor: torch.Tensor, part: slice | None) -> torch.Tensor:
+    local = local_shard(tensor)
+    return local if part is None else local[part]
 
 
 def on_meta(model: nn.Module) -> bool:
@@ -76,18 +86,35 @@ def fill_from_files(
             owner = model.get_submodule(module_name)
             if layout.filled_elsewhere(owner, leaf):
                 continue
-            source, rows = layout.source(model, name, local_rows(param))
-            local = param.to_local() if isinstance(param, DTensor) else param
-            value = files.read(source, rows)
-            if value.shape != local.shape:
-                raise ValueError(
-                    f"{files.directory}: {source} rows {rows} have shape {tuple(value.shape)}, this rank's part of "
-                    f"{name} is {tuple(local.shape)} (is the directory the model's own?)"
-                )
-            read += value.numel() * value.element_size()
-            layout.store(owner, leaf, local, value)
+            for part, rows in _row_chunks(local_shard(param), local_rows(param)):
+                source, stored_rows = layout.source(model, name, rows)
+                value = files.read(source, stored_rows)
+                target = _local_part(param, part)
+                if value.shape != target.shape:
+                    raise ValueError(
+                        f"{files.directory}: {source} rows {stored_rows} have shape {tuple(value.shape)}, this "
+                        f"rank's part of {name} is {tuple(target.shape)} (is the directory the model's own?)"
+                    )
+                read += value.numel() * value.element_size()
+                layout.store(owner, leaf, part, value)
+                del value
         load_persistent_buffers(model, files)
+    return_freed_memory()  # the last read's buffers
     return read
+
+
+def _row_chunks(local: torch.Tensor, owned: range | None) -> list[tuple[slice | None, range | None]]:
+    """(rows of ``local``, the same rows of the whole tensor) per read of at most ``READ_CHUNK_BYTES``; one
+    ``(None, owned)`` read for a tensor that small (``owned``: this rank's rows, None for an unsharded tensor)."""
+    size = local.numel() * local.element_size()
+    if local.dim() == 0 or local.shape[0] <= 1 or size <= READ_CHUNK_BYTES:
+        return [(None, owned)]
+    count, row_bytes = local.shape[0], size // local.shape[0]
+    step, first = max(1, READ_CHUNK_BYTES // max(row_bytes, 1)), 0 if owned is None else owned.start
+    return [
+        (slice(start, min(start + step, count)), range(first + start, first + min(start + step, count)))
+        for start in range(0, count, step)
+    ]
 
 
 def local_rows(param: torch.Tensor) -> range | None:
