@@ -72,6 +72,9 @@ def rank_main(argv: list[str]) -> None:
 
     def on_fit_start(self: ESFTModule) -> None:
         report("loading")
+        if os.environ.get("ESFT_HOSTMEM_TRACE"):
+            rss, anon = current_host_bytes() - baseline, status()["RssAnon"] - base["RssAnon"]
+            print(f"HOSTTRACE rank {rank} at on_fit_start: rss {rss / 2**20:.0f} MiB anon {anon / 2**20:.0f} MiB")
         fit_start(self)
 
     ESFTModule.on_fit_start = on_fit_start

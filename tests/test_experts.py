@@ -349,3 +349,32 @@ def test_save_pretrained_with_a_selection_applied_reloads_with_stock_transformer
     ids = batch()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_the_split_owns_only_its_declared_names_and_leaves_none_behind(family):
+    """An experts module carries the trainable copies, the three declared buffers and one state object, nothing
+    else of ESFT's; removing the split leaves the module exactly as it was (no stray attribute)."""
+    from esft_lightning.experts.state import SLOT_BUFFERS, STATE_ATTR, TRAINED_PREFIX, expert_config_of, experts_state
+
+    model = build_tiny_model(family)
+    before = {id(m): set(vars(m)) for m in model.modules()}
+    buffers_before = {id(m): set(m._buffers) for m in model.modules()}
+    config = selection(model)
+    apply_expert_config(model, config)
+    assert expert_config_of(model) is config
+    for layer in find_moe_layers(model):
+        experts = layer.experts
+        added = set(vars(experts)) - before[id(experts)]
+        assert added == {STATE_ATTR}, added
+        assert set(experts._buffers) - buffers_before[id(experts)] == set(SLOT_BUFFERS)
+        names = experts_state(experts).split.names
+        assert names == expert_param_names(experts)
+        assert {n for n, _ in experts.named_parameters(recurse=False) if n.startswith(TRAINED_PREFIX)} == {
+            TRAINED_PREFIX + n for n in names
+        }
+    remove_expert_split(model)
+    assert expert_config_of(model) is None
+    for module in model.modules():
+        assert set(vars(module)) == before[id(module)], type(module).__name__
+        assert set(module._buffers) == buffers_before[id(module)]

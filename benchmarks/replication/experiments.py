@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from esft_lightning.adapters import load_adapters
-from esft_lightning.callbacks.routing_drift import general_dataloader
 from esft_lightning.routing.profile import RoutingProfile
 from esft_lightning.selection.rules import ExpertConfig, select_disjoint, select_experts
 
@@ -43,7 +42,7 @@ class Study:
             data, model, tokens = self.data(task, seed), base_model(), self.args.profile_tokens
             profiles = {
                 "task": profile(model, data.dm.task_dataloader(), tokens),
-                "general": profile(model, general_dataloader(data.dm), tokens),
+                "general": profile(model, data.dm.general_dataloader(), tokens),
             }
             selections = {
                 "token": select_experts(profiles["task"].token_scores, 0.2, meta={"score_function": "token"}),

@@ -15,7 +15,7 @@ from torch import nn
 from esft_lightning.adapters import save_adapter
 from esft_lightning.analysis.granularity_run import forever  # one training loop for both
 from esft_lightning.analysis.granularity_run import train_steps as train
-from esft_lightning.callbacks.routing_drift import general_dataloader, layer_drift
+from esft_lightning.callbacks.routing_drift import layer_drift
 from esft_lightning.experts.split import apply_expert_config
 from esft_lightning.experts.state import expert_config_of
 from esft_lightning.models import find_moe_layers
@@ -158,7 +158,7 @@ def score_run(
         **facts,
         stored_bytes=stored_bytes(method, model, folder),
         drift_task=drift(model, before["task"], data.dm.task_dataloader(), args.profile_tokens),
-        drift_general=drift(model, before["general"], general_dataloader(data.dm), args.profile_tokens),
+        drift_general=drift(model, before["general"], data.dm.general_dataloader(), args.profile_tokens),
     )
     row["eval_s"] = time.perf_counter() - started
     return row

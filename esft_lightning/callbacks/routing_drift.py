@@ -8,11 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
 
-from ..data.packing import SequenceDataset
 from ..data.sources import Source
-from ..data.windows import Mixed
 from ..routing.profile import profile_routing
 from .context import as_sources, moe_model, profiling_batches
 
@@ -32,20 +29,6 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
 def layer_drift(before: dict[int, torch.Tensor], after: dict[int, torch.Tensor]) -> dict[int, float]:
     """Per layer: JS divergence of ``after``'s scores from ``before``'s."""
     return {layer: js_divergence(before[layer], after[layer]) for layer in before}
-
-
-def general_dataloader(
-    datamodule: L.LightningDataModule, batch_size: int | None = None, shard: bool = True
-) -> DataLoader:
-    """The general-data training sequences (no task data) in a fixed order, like ``task_dataloader``."""
-
-    if not datamodule.train_sequences:
-        datamodule.setup("fit")
-    general = [s for s in getattr(datamodule, "general", []) if s.label in datamodule.train_sequences]
-    if not general:
-        raise ValueError("no general data to profile: set data.general (with data.general_ratio > 0)")
-    sequences = Mixed.chain([datamodule.train_sequences[s.label] for s in general])  # by index, not copied
-    return datamodule._loader(SequenceDataset(sequences), shuffle=False, batch_size=batch_size, shard=shard)
 
 
 def has_general_data(datamodule: L.LightningDataModule) -> bool:
@@ -100,7 +83,7 @@ class RoutingDriftCallback(L.Callback):
                 self._task = _first_batches(self._task, budget)
         loaders = {"task": self._task}
         if self.general and has_general_data(dm):
-            loaders["general"] = general_dataloader(dm, self.batch_size)
+            loaders["general"] = dm.general_dataloader(self.batch_size)
         elif self.general and not self._warned:
             rank_zero_warn("RoutingDriftCallback: no general data (data.general, general_ratio > 0): task drift only")
             self._warned = True

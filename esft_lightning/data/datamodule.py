@@ -258,6 +258,17 @@ class ESFTDataModule(L.LightningDataModule):
         seqs = Mixed.chain([self.profile_sequences[s.label] for s in self.task])
         return self._loader(SequenceDataset(seqs), shuffle=False, batch_size=batch_size, shard=shard)
 
+    def general_dataloader(self, batch_size: int | None = None, shard: bool = True) -> DataLoader:
+        """The general-data training sequences (no task data) in a fixed order, like ``task_dataloader``: what
+        routing drift is measured on."""
+        if not self.train_sequences:
+            self.setup("fit")
+        general = [s for s in self.general if s.label in self.train_sequences]
+        if not general:
+            raise ValueError("no general data to profile: set data.general (with data.general_ratio > 0)")
+        sequences = Mixed.chain([self.train_sequences[s.label] for s in general])  # by index, not copied
+        return self._loader(SequenceDataset(sequences), shuffle=False, batch_size=batch_size, shard=shard)
+
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad to the longest sequence of the batch: pad id, label -100, attention mask 0."""
         length = max(len(x["input_ids"]) for x in items)

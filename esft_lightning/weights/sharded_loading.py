@@ -16,8 +16,8 @@ from .weight_files import RowsSpec, WeightFiles, return_freed_memory
 
 __all__ = ["READ_CHUNK_BYTES", "FileLayout", "fill_from_files", "load_persistent_buffers", "local_rows", "on_meta"]
 
-READ_CHUNK_BYTES = 2**24
-"""A parameter's rows are read this many bytes at a time (at least one row): the transient host memory of a read
+READ_CHUNK_BYTES = 2**22
+"""A parameter's rows are read 4 MiB at a time (at least one row): the transient host memory of a read
 (its buffers, fused experts' stacking, dequantization) stays one chunk, not a whole layer's experts."""
 
 
