@@ -1,13 +1,15 @@
 """Host memory per rank when an FSDP2 fit loads a model directory (peak above the process baseline).
 
-    python benchmarks/host_memory.py                    # ~1 GiB, 16 MoE layers; 2-rank then 4-rank gloo fits on CPU
-    python benchmarks/host_memory.py --hidden 256 --ranks 2   # smaller, quicker
+    python benchmarks/host_memory.py                    # 0.87 GiB, 16 MoE layers of 64 experts; 2 then 4 ranks
+    python benchmarks/host_memory.py --ranks 2 --experts 16 --hidden 784   # 0.96 GiB, 16 layers of 16 experts
+    python benchmarks/host_memory.py --ranks 2 --fp8    # the same model stored in block FP8, as DeepSeek-V3 ships
+    python benchmarks/host_memory.py --ranks 2 --trace  # also each rank's memory around every start-up phase
 
-Targets (issue 16): with 2 ranks every rank <= 0.75x the model's bytes from start-up to the first training step,
-with 4 ranks every rank <= 0.5x (every rank reads only its own shards from the safetensors files; rank 0 profiles
-with the layers streamed from them). Each rank is this script re-launched by Lightning in "rank" mode: it records
-its resident memory after the imports (the baseline), runs `esft fit`, and prints its peak resident (RSS) and
-private (anonymous) memory above that baseline.
+Targets (issues 16 and 24): with 2 ranks every rank <= 0.65x the model's bytes from start-up to the first training
+step, on both models and from FP8 files too; with 4 ranks every rank <= 0.5x (every rank reads only its own shards
+from the safetensors files, a few rows at a time; rank 0 profiles with the layers streamed from them). Each rank is
+this script re-launched by Lightning in "rank" mode: it records its resident memory after the imports (the
+baseline), runs `esft fit`, and prints its peak resident (RSS) and private (anonymous) memory above that baseline.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def write_config(tmp: Path, model_dir: Path) -> Path:
     return path
 
 
-TARGETS = {2: 0.75, 4: 0.5}  # every rank's loading peak, as a multiple of the model's bytes
+TARGETS = {2: 0.65, 4: 0.5}  # every rank's loading peak, as a multiple of the model's bytes
 
 
 def run_fit(tmp: Path, ranks: int, trace: bool = False) -> str:
