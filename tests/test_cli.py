@@ -308,7 +308,8 @@ def test_score_functions_and_baselines_through_the_callback(score_function, tmp_
 
 def test_esft_help_lists_every_command_and_an_unknown_one_gets_the_list(capsys):
     from esft_lightning.cli import main
-    from esft_lightning.cli.commands import COMMANDS, TOOLS
+    from esft_lightning.cli.commands import COMMANDS
+    from esft_lightning.cli.dispatch import TOOL_MAINS as TOOLS
 
     main(["--help"])
     listed = capsys.readouterr().out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["COMMANDS", "FIT_ARGUMENTS", "TOOLS", "describe"]
+__all__ = ["COMMANDS", "FIT_ARGUMENTS", "describe"]
 
 COMMANDS = {
     "fit": "profile routing, select experts and train only them (LightningCLI: --config, --print_config)",
@@ -16,8 +16,6 @@ COMMANDS = {
     "eval": "generation metrics (exact match, chrF, BLEU, ROUGE-L) of a model, with or without adapters",
 }
 """Every `esft` command and its purpose, as `esft --help` lists them."""
-TOOLS = ("profile", "select", "merge", "eval", "plan")
-"""The commands that are not LightningCLI subcommands."""
 FIT_ARGUMENTS = (
     "takes `esft fit`'s arguments as well (--config, --model.*, --data.*, --trainer.*, callbacks); "
     "see `esft fit --help`"

@@ -6,14 +6,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from .commands import COMMANDS, TOOLS
+from .commands import COMMANDS
 from .eval import eval_main
 from .lightning_cli import make_cli
 from .merge import merge_main
 from .plan import plan_main
 from .profile_select import profile_main, select_main
 
-__all__ = ["commands_help", "main"]
+__all__ = ["TOOL_MAINS", "commands_help", "main"]
 
 TOOL_MAINS: dict[str, Callable[[list[str]], object]] = {
     "plan": plan_main,
@@ -23,7 +23,6 @@ TOOL_MAINS: dict[str, Callable[[list[str]], object]] = {
     "eval": eval_main,
 }
 """The commands that are not LightningCLI subcommands, each with its ``main(argv)``."""
-assert set(TOOL_MAINS) == set(TOOLS)
 
 
 def commands_help() -> str:
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(commands_help())
         return
-    if args[0] in TOOLS:
+    if args[0] in TOOL_MAINS:
         TOOL_MAINS[args[0]](args[1:])
     elif not args[0].startswith("-") and args[0] not in COMMANDS:
         print(f"esft: unknown command {args[0]!r}\n\n{commands_help()}", file=sys.stderr)

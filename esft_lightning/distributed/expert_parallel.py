@@ -10,7 +10,6 @@ R pairs received from the group.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ from ..experts.split import install_split, remove_expert_split, use_esft_impleme
 from ..experts.state import (
     EXPERT_IDS,
     TRAINED_PREFIX,
+    ExpertsForward,
     expert_config_of,
     expert_param_names,
     expert_shard,
@@ -145,7 +145,7 @@ def dispatch_combine(
     hidden_TD: torch.Tensor,
     top_k_index_TK: torch.Tensor,
     top_k_weights_TK: torch.Tensor,
-    local_forward: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    local_forward: ExpertsForward,
 ) -> torch.Tensor:
     """The experts forward under expert parallelism.
 

@@ -24,9 +24,17 @@ from packaging.version import Version
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from ..weights.fp8_blocks import SCALE_SUFFIX
+from ..weights.fp8_blocks import FP8, SCALE_SUFFIX
 from .fp8 import frozen_fp8_linear, is_fp8_frozen
-from .state import ESFT_IMPLEMENTATION, EXPERT_IDS, TRAINED_PREFIX, expert_param_names, experts_state, has_split
+from .state import (
+    ESFT_IMPLEMENTATION,
+    EXPERT_IDS,
+    GROUP_OF_EXPERT,
+    TRAINED_PREFIX,
+    expert_param_names,
+    experts_state,
+    has_split,
+)
 
 GROUPED_MM_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 """Dtypes torch's grouped matmul takes: float64 raises "Expected mat_a to be Float32, BFloat16 or Float16"."""
@@ -128,7 +136,7 @@ def _local_experts_forward(
         return base_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     names = expert_param_names(self)[:2]
     weights = [getattr(self, n) for n in names] + ([getattr(self, TRAINED_PREFIX + n) for n in names] if split else [])
-    weights = [w for w in weights if w.dtype != torch.float8_e4m3fn]  # 8-bit frozen: dequantized to the inputs'
+    weights = [w for w in weights if w.dtype != FP8]  # 8-bit frozen: dequantized to the inputs'
     if base != "eager" and can_use_grouped_mm(hidden_states, *weights):
         return _split_grouped(self, hidden_states, top_k_index, top_k_weights)
     if split:
@@ -192,7 +200,7 @@ def _split_grouped(
     # selection has only the frozen group: the fused tensors, trainable when every expert of the layer is selected.)
     ids = top_k_index.reshape(-1)
     ids = torch.where((ids < 0) | (ids >= num_experts), num_experts, ids)  # -1 / >= E: placeholders, never run
-    group = self.esft_group_of_expert[ids] if split else ids
+    group = getattr(self, GROUP_OF_EXPERT)[ids] if split else ids
     group, order = torch.sort(group)
     counts = torch.bincount(group, minlength=num_experts + num_slots + 1)
     ends = torch.cumsum(counts, dim=0, dtype=torch.int32)
@@ -251,7 +259,7 @@ def _split_eager(
         else:
             tensors = [getattr(self, n)[expert] for n in names]
         w_up, w_down, b_up, b_down = (*tensors, None, None) if len(tensors) == 2 else tensors
-        if slot < 0 and w_up.dtype == torch.float8_e4m3fn:  # an 8-bit frozen expert: dequantized as it runs
+        if slot < 0 and w_up.dtype == FP8:  # an 8-bit frozen expert: dequantized as it runs
             x = _rows(hidden_TD, token_idx)
             h = _expert_output(self, _frozen_fp8_expert(self, names[0], expert, x, b_up))
             y = _frozen_fp8_expert(self, names[1], expert, h, b_down)

@@ -235,7 +235,7 @@ def install_split(
         experts.register_state_dict_post_hook(_state_dict_with_trained_rows),
         experts.register_load_state_dict_pre_hook(_load_trained_rows),
     ]
-    experts_state(experts, create=True).split = SplitState(names, slots, hooks, frozen_dtype)
+    experts_state(experts, create=True).split = SplitState(slots, hooks, frozen_dtype)
 
 
 def remove_expert_split(model: nn.Module) -> None:

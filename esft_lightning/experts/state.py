@@ -55,10 +55,9 @@ the peer of running it here. Expert parallelism installs one (``ExpertsState.dis
 
 @dataclass(eq=False)
 class SplitState:
-    """The host-side part of one experts module's split (its tensors are the declared parameters and buffers)."""
+    """The host-side part of one experts module's split (its tensors are the declared parameters and buffers; which
+    per-expert tensors have trainable copies follows from the layout: ``expert_param_names``)."""
 
-    names: tuple[str, ...]
-    """The per-expert tensors that have trainable copies."""
     slots: list[int]
     """Each expert's slot (-1 frozen): ``SLOT_OF_EXPERT`` on the host, so the eager loop never syncs to read it."""
     hooks: list[RemovableHandle] = field(default_factory=list)
@@ -92,13 +91,13 @@ def experts_state(experts: nn.Module, create: bool = False) -> ExpertsState | No
 
 def has_split(experts: nn.Module) -> bool:
     """Whether ``apply_expert_config`` split this experts module into frozen and trainable experts."""
-    state = vars(experts).get(STATE_ATTR)
+    state = experts_state(experts)
     return state is not None and state.split is not None
 
 
 def expert_shard(experts: nn.Module) -> Any:
     """The module's expert-parallel shard (``ExpertShard``), None when it holds every expert."""
-    state = vars(experts).get(STATE_ATTR)
+    state = experts_state(experts)
     return None if state is None else state.shard
 
 

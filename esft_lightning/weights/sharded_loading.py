@@ -69,10 +69,10 @@ def fill_from_files(
     """Allocate this rank's shards of a model sharded on the meta device and read them from ``files``.
 
     Every parameter that FSDP2 sharded (``Shard(0)`` DTensors) gets the rows of dim 0 this rank owns, read
-    from the files (only those rows); a plain parameter gets the whole tensor; ``layout`` says where each one's
-    values are stored (default: under its own name). Non-persistent
-    buffers (rotary tables, expert-slot maps) were built for real with the model and are kept as they are;
-    persistent ones are read from the files. Returns the bytes read into parameters.
+    from the files (only those rows, ``READ_CHUNK_BYTES`` at a time); a plain parameter gets the whole tensor;
+    ``layout`` says where each one's values are stored (default: under its own name). Non-persistent buffers
+    (rotary tables, expert-slot maps) were built for real with the model and are kept as they are; persistent
+    ones are read from the files. Returns the bytes read into parameters.
     """
     layout = layout or FileLayout()
     keep = _non_persistent_buffers(model)
@@ -97,7 +97,7 @@ def fill_from_files(
                     )
                 read += value.numel() * value.element_size()
                 layout.store(owner, leaf, part, value)
-                del value
+                del value  # freed before the next read returns the heap to the OS
         load_persistent_buffers(model, files)
     return_freed_memory()  # the last read's buffers
     return read
