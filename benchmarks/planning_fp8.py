@@ -11,12 +11,21 @@ config.json alone) and the levers that would close a gap on the smallest count t
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from esft_lightning.planning.plan import DEVICES, GiB, PlanRequest, build_meta_model, plan_memory, usable  # noqa: E402
+from esft_lightning.planning.plan import (  # noqa: E402
+    DEVICES,
+    HOST_OFFLOAD_ADAMW,
+    GiB,
+    PlanRequest,
+    build_meta_model,
+    plan_memory,
+    usable,
+)
 from esft_lightning.selection.rules import ExpertConfig  # noqa: E402
 from esft_lightning.selection.spec import SelectionSpec  # noqa: E402
 
@@ -53,14 +62,26 @@ def main() -> None:
             if gpus == 8 and frozen == "float8":
                 short = r.total_bytes - usable(device)
                 levers = {
-                    "8-bit AdamW state (2 bytes per trained parameter instead of 8)": 0.75 * r.optimizer_bytes,
-                    "bf16 gradients (2 bytes instead of 4)": 0.5 * r.grads_bytes,
-                    "AdamW state offloaded to host": r.optimizer_bytes,
+                    "8-bit AdamW state (2 bytes per trained parameter instead of 8; not built)": 0.75
+                    * r.optimizer_bytes,
+                    "bf16 gradients (2 bytes instead of 4; not built)": 0.5 * r.grads_bytes,
                 }
                 lines = [f"8 GPUs, fp8 frozen experts: {short / GiB:.1f} GiB over; levers (GiB saved per GPU):"]
                 lines += [
                     f"  {k}: {v / GiB:.1f} -> {'fits' if v >= short else 'still short'}" for k, v in levers.items()
                 ]
+                on_host = plan_memory(
+                    build_meta_model(model=str(REPO / "configs/models/DeepSeek-V3"), dtype="bfloat16"),
+                    replace(request, optimizer_on_host=True),
+                )
+                saved = r.total_bytes - on_host.per_rank.total_bytes
+                lines.append(
+                    f"  AdamW state in host memory ({HOST_OFFLOAD_ADAMW}, built): {saved / GiB:.1f} "
+                    f"(its {r.optimizer_bytes / GiB:.1f} less the {on_host.per_rank.optimizer_bytes / GiB:.1f} a step "
+                    f"brings over) -> {on_host.per_rank.total_bytes / GiB:.1f} GiB per GPU: "
+                    f"{'fits' if on_host.fits else 'still short'}; host memory "
+                    f"{on_host.per_rank.host_optimizer_bytes / GiB:.1f} GiB per GPU"
+                )
                 footer = lines
 
     print("\n".join(footer))

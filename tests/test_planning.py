@@ -301,3 +301,26 @@ def test_docs_table_is_generated():
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     assert "| DeepSeek-V3 | 671.0 B | 16 |" in done.stdout
     assert "| DeepSeek-V3 | 64 |" in done.stdout  # the expert-parallel table
+
+
+def test_deepseek_v3_fits_one_h200_node_with_adamw_state_on_the_host(tmp_path, capsys):
+    """configs/deepseek_v3_8xh200.yaml with 8 experts in every MoE layer, one per GPU: fits 8 H200s; the same run
+    with torch.optim.AdamW does not, and its cheapest fix is the host-memory optimizer, which saves its state's bytes
+    less the two chunks a step brings to the GPU."""
+    spread = tmp_path / "spread.json"
+    ExpertConfig({layer: [e * 32 for e in range(8)] for layer in range(3, 61)}).save(spread)
+    args = ("--config", str(REPO / "configs/deepseek_v3_8xh200.yaml"), "--expert_config", str(spread),
+            "--model.model", str(REPO / "configs/models/DeepSeek-V3"), "--plan.device_memory", "H200-141GB")  # fmt: skip
+    main(["plan", *args, "--json"])
+    host = json.loads(capsys.readouterr().out)
+    main(["plan", *args, "--model.optimizer", "torch.optim.AdamW", "--json"])
+    adamw = json.loads(capsys.readouterr().out)
+    assert host["fits"] and host["world_size"] == 8 and host["selection"]["selected_experts"] == 8 * 58
+    assert not adamw["fits"] and "esft_lightning.optimizers.HostOffloadAdamW" in adamw["fixes"][0]
+    on_host, on_device = host["per_rank"], adamw["per_rank"]
+    assert on_host["host_optimizer_bytes"] == on_device["optimizer_bytes"] == 2 * on_device["trainable_bytes"]
+    assert on_host["optimizer_bytes"] == 2 * 256 * 2**20 and on_device["host_optimizer_bytes"] == 0
+    assert on_device["total_bytes"] - on_host["total_bytes"] == on_device["optimizer_bytes"] - 2**29
+    # the files are block FP8; training holds the routed experts so too (the frozen_experts_dtype of the config)
+    assert host["checkpoint"]["format"].startswith("block FP8") and "float8" in host["checkpoint"]["memory_dtype"]
+    assert host["checkpoint"]["memory_bytes"] < 1.05 * host["checkpoint"]["file_bytes"]

@@ -10,7 +10,7 @@ from ..callbacks import ExpertSelectionCallback
 from ..constants import TRAINING_HEADROOM
 from ..distributed.strategy import is_fsdp2
 from ..module import ESFTModule
-from ..planning.plan import GiB, PlanRequest, build_meta_model, parse_bytes, plan_memory, usable
+from ..planning.plan import HOST_OFFLOAD_ADAMW, GiB, PlanRequest, build_meta_model, parse_bytes, plan_memory, usable
 from ..planning.storage import stored_weights
 from ..selection.rules import ExpertConfig
 from ..selection.spec import SelectionSpec
@@ -40,7 +40,8 @@ def plan_main(argv: list[str]) -> None:
         request.expert_config = ExpertConfig.load(ns.expert_config)
 
     model = build_meta_model(**load_args)
-    storage = stored_weights(resolve_model_path(load_args["model"], load_args["family"]), model)  # before selection
+    path = resolve_model_path(load_args["model"], load_args["family"])
+    storage = stored_weights(path, model, request.spec.frozen_experts_dtype)  # before selection
     plan = plan_memory(model, request)
     if ns.json:
         print(json.dumps({**plan.to_dict(), "checkpoint": storage.to_dict()}, indent=1))
@@ -91,8 +92,16 @@ def plan_inputs(config: Any, trainer: L.Trainer | None = None, module: Any = Non
         activation_checkpointing=bool(model.activation_checkpointing), compute_dtype=compute, spec=spec,
         profile_batch=profile_batch or int(data.batch_size), device_memory=device_memory, devices_per_node=per_node,
         expert_parallel_size=expert_parallel if strategy == "fsdp2" else 1,
+        optimizer_on_host=_class_path(model.get("optimizer")) == HOST_OFFLOAD_ADAMW,
     )  # fmt: skip
     return load_args, request
+
+
+def _class_path(entry: Any) -> str | None:
+    """A config entry's class path (``class_path: ...`` or a bare class name string), else None."""
+    if hasattr(entry, "get"):
+        return entry.get("class_path")
+    return entry if isinstance(entry, str) else None
 
 
 def _device_count(devices: Any, on_cpu: bool) -> int:
@@ -201,6 +210,11 @@ def format_plan(plan: Any) -> str:
     ]
     for label, key in rows:
         lines.append(f"{label:32s}" + "".join(f"{getattr(plan.scenarios[c], key) / scale:15.2f}" for c in columns))
+    if r.optimizer_on_host:
+        lines.append(
+            f"AdamW state in host memory ({HOST_OFFLOAD_ADAMW}): {plan.per_rank.host_optimizer_bytes / scale:.2f} "
+            f"{unit} per rank; on the GPU only the two chunks a step brings over"
+        )
     lines.append(f"profiling peak (rank 0, layers streamed): {plan.profiling_bytes / scale:.2f} {unit}")
     if r.device_memory is None:
         lines.append("device memory unknown: pass --plan.device_memory (e.g. 80GiB or H100-80GB) for a verdict")

@@ -22,6 +22,7 @@ from torch import nn
 from ..constants import TRAINING_HEADROOM
 from ..experts.state import expert_config_of
 from ..models import find_moe_layers
+from ..optimizers import DEFAULT_CHUNK_BYTES, HostOffloadAdamW
 from ..pipeline import apply, trainable_dtype
 from ..selection.rules import ExpertConfig, all_experts, no_experts
 from ..selection.spec import SelectionSpec
@@ -37,6 +38,8 @@ GiB = 2**30
 DEVICES = {"H100-80GB": 81559 * 2**20, "H200-141GB": 143771 * 2**20, "A100-80GB": 81920 * 2**20}
 """Device memory as ``torch.cuda.get_device_properties().total_memory`` reports it."""
 STRATEGIES = ("fsdp2", "ddp", "single")
+HOST_OFFLOAD_ADAMW = f"{HostOffloadAdamW.__module__.rsplit('.', 1)[0]}.{HostOffloadAdamW.__name__}"
+"""The optimizer's class path in a config (its package's public name)."""
 
 
 @dataclass
@@ -74,6 +77,9 @@ class PlanRequest:
     """``fsdp2`` with N > 1 (``FSDP2Strategy(expert_parallel_size=N)``): every MoE layer's routed experts split
     over N ranks (E/N whole experts each, FSDP2-sharded over the world / N ranks holding the same ones), the rest
     FSDP2 over the world: the ``esft_ep`` / ``fft_ep`` scenarios, and ``per_rank`` is ``esft_ep``."""
+    optimizer_on_host: bool = False
+    """AdamW's estimates in host memory (``optimizers.HostOffloadAdamW``): on the GPU only two chunks of them
+    during the step."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -93,6 +99,9 @@ class RankMemory:
     trainable_bytes: int
     grads_bytes: int
     optimizer_bytes: int
+    """On the device: the AdamW state, or with it in host memory the two chunks a step brings over."""
+    host_optimizer_bytes: int
+    """AdamW state kept in host memory instead (``optimizer_on_host``); not part of ``total_bytes``."""
     activations_bytes: int
     """For the request's ``activation_checkpointing``; the two settings are also given apart below."""
     activations_no_checkpointing_bytes: int
@@ -187,14 +196,17 @@ def selection_bound(model: nn.Module, spec: SelectionSpec) -> tuple[ExpertConfig
 
 def _rank_memory(
     tensors: list[TensorBytes], strategy: str, world: int, rank: int, activations: tuple[int, int], checkpointing: bool,
-    ep: int = 1, all_to_all: int = 0,
+    ep: int = 1, all_to_all: int = 0, optimizer_on_host: bool = False,
 ) -> RankMemory:  # fmt: skip
     """``strategy`` ``ep``: FSDP2 with routed experts split over ``ep`` ranks; ``all_to_all``: one layer's token
-    all-to-all buffers (send and receive) under it."""
+    all-to-all buffers (send and receive) under it; ``optimizer_on_host``: AdamW's state in host memory."""
     sharded, ep = strategy in ("fsdp2", "ep"), ep if strategy == "ep" else 1
     params = sum(t.local_bytes(world, rank, sharded, ep) for t in tensors)
     trainable = sum(t.local_bytes(world, rank, sharded, ep) for t in tensors if t.trainable)
     optimizer = 2 * trainable  # AdamW: exp_avg and exp_avg_sq, each like the parameter
+    host_optimizer = 0
+    if optimizer_on_host:
+        host_optimizer, optimizer = optimizer, min(optimizer, 2 * DEFAULT_CHUNK_BYTES)
     if sharded:
         groups: dict[str, list[int]] = {}
         for t in tensors:
@@ -210,7 +222,9 @@ def _rank_memory(
         comm = trainable if strategy == "ddp" else 0
     acts = activations[1] if checkpointing else activations[0]
     total = params + trainable + optimizer + acts + comm
-    return RankMemory(params, trainable, trainable, optimizer, acts, activations[0], activations[1], comm, total)
+    return RankMemory(
+        params, trainable, trainable, optimizer, host_optimizer, acts, activations[0], activations[1], comm, total
+    )
 
 
 def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
@@ -248,12 +262,14 @@ def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
     top_k = max((layer.top_k for layer in find_moe_layers(model)), default=0)
     all_to_all = 2 * top_k * hidden * itemsize  # per token: one layer's send and receive buffers under EP
 
-    def memory(tensors: list[TensorBytes], strategy: str, world: int, checkpointing: bool, micro: int) -> RankMemory:
+    def memory(tensors: list[TensorBytes], strategy: str, world: int, checkpointing: bool, micro: int,
+               on_host: bool = request.optimizer_on_host) -> RankMemory:  # fmt: skip
         acts = tuple(a * micro // request.micro_batch for a in activations)
         # rank 0 holds the largest chunks; under EP the largest rank is among the first EP group (edp index 0)
         ranks = range(ep) if strategy == "ep" else range(1)
-        return max((_rank_memory(tensors, strategy, world, rank, acts, checkpointing, ep, all_to_all * micro *
-                                 request.seq_length) for rank in ranks), key=lambda m: m.total_bytes)  # fmt: skip
+        buffers = all_to_all * micro * request.seq_length
+        return max((_rank_memory(tensors, strategy, world, rank, acts, checkpointing, ep, buffers, on_host)
+                    for rank in ranks), key=lambda m: m.total_bytes)  # fmt: skip
 
     r = request
     strategies = ("fsdp2", "ddp") if r.strategy != "single" else ("fsdp2", "ddp", "single")
@@ -266,7 +282,8 @@ def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
     own = "ep" if ep > 1 else r.strategy
     per_rank = scenarios[f"esft_{own}"]
     by_rank = [
-        {k: v for k, v in asdict(_rank_memory(esft, own, r.world_size, rank, activations, False, ep)).items()
+        {k: v for k, v in asdict(_rank_memory(esft, own, r.world_size, rank, activations, False, ep,
+                                              optimizer_on_host=r.optimizer_on_host)).items()
          if k in ("params_bytes", "trainable_bytes", "grads_bytes", "optimizer_bytes")}
         for rank in range(min(r.world_size, 64))
     ]  # fmt: skip
@@ -291,13 +308,13 @@ def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
 
 def _fixes(tensors: list[TensorBytes], r: PlanRequest, memory: Any, budget: int) -> list[str]:
     """What would make the run fit, cheapest first: a strategy that shards, activation checkpointing, a smaller
-    micro-batch (data.global_batch_size keeps the batch), then more GPUs."""
+    micro-batch (data.global_batch_size keeps the batch), AdamW's state in host memory, then more GPUs."""
     fixes = []
     own, ep = ("ep", r.expert_parallel_size) if r.expert_parallel_size > 1 else (r.strategy, 1)
 
     def fits(strategy: str = own, world: int = r.world_size, ac: bool = r.activation_checkpointing,
-             micro: int = r.micro_batch) -> bool:  # fmt: skip
-        return memory(tensors, strategy, world, ac, micro).total_bytes <= budget
+             micro: int = r.micro_batch, on_host: bool = r.optimizer_on_host) -> bool:  # fmt: skip
+        return memory(tensors, strategy, world, ac, micro, on_host).total_bytes <= budget
 
     if r.strategy != "fsdp2" and fits("fsdp2"):
         fixes.append("shard with FSDP2 (--config configs/fsdp.yaml)")
@@ -310,6 +327,14 @@ def _fixes(tensors: list[TensorBytes], r: PlanRequest, memory: Any, budget: int)
             fixes.append(
                 f"a smaller micro-batch: --data.batch_size {micro}{extra} (set data.global_batch_size to keep the "
                 "batch: gradient accumulation makes up the rest)"
+            )
+            break
+    for ac in (r.activation_checkpointing, True):
+        if not r.optimizer_on_host and fits(ac=ac, on_host=True):
+            extra = " with --model.activation_checkpointing true" if ac and not r.activation_checkpointing else ""
+            fixes.append(
+                f"keep AdamW's state in host memory: model.optimizer class_path {HOST_OFFLOAD_ADAMW}{extra} (exact; "
+                "each step copies 16 bytes per trained parameter to the GPU and back)"
             )
             break
     per_node = max(8, r.devices_per_node)  # nodes of 8 GPUs unless the run's nodes have more

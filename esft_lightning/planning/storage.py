@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..models import decoder_layers, find_moe_layers
+from ..weights.fp8_blocks import scale_grid
 from ..weights.quantized import QuantizationScheme, read_quantization
 from ..weights.weight_files import SafetensorsFile, has_safetensors
 
@@ -26,7 +27,8 @@ class StoredWeights:
     exact: bool
     """True: summed from the safetensors headers; False: estimated from the config (no files here)."""
     memory_bytes: int
-    """All parameters in the dtype the run loads them in (quantized files are dequantized into it)."""
+    """All parameters as the run holds them before any trainable copy: in the dtype it loads them in (quantized
+    files are dequantized into it), routed experts in 8 bits with their block scales when it keeps them so."""
     memory_dtype: str
 
     def describe(self) -> str:
@@ -41,12 +43,20 @@ class StoredWeights:
         return asdict(self)
 
 
-def stored_weights(directory: str | Path | None, meta_model: nn.Module) -> StoredWeights:
+def stored_weights(
+    directory: str | Path | None, meta_model: nn.Module, frozen_experts_dtype: str = "model"
+) -> StoredWeights:
     """The files' bytes (exact from the headers when the directory has safetensors files, else estimated from the
-    config's quantization) next to ``meta_model``'s parameter bytes."""
+    config's quantization) next to ``meta_model``'s parameter bytes (its routed experts in block FP8 with
+    ``frozen_experts_dtype`` ``float8``)."""
     params = list(meta_model.parameters())
-    memory = sum(p.numel() * p.element_size() for p in params)
+    in_fp8 = {id(p) for layer in find_moe_layers(meta_model) for p in layer.experts.parameters() if p.dim() == 3}
+    if frozen_experts_dtype != "float8":
+        in_fp8 = set()
+    memory = sum(_fp8_bytes(p) if id(p) in in_fp8 else p.numel() * p.element_size() for p in params)
     dtype = str(params[0].dtype).removeprefix("torch.") if params else "-"
+    if in_fp8:
+        dtype += ", routed experts in float8 with 128x128 float32 block scales"
     scheme = read_quantization(directory)
     described = scheme.describe() if scheme else "plain"
     if directory is not None and has_safetensors(directory):
@@ -56,6 +66,12 @@ def stored_weights(directory: str | Path | None, meta_model: nn.Module) -> Store
     config_dtype = getattr(meta_model.config, "dtype", None)
     stored_dtype = config_dtype if isinstance(config_dtype, torch.dtype) else torch.bfloat16
     return StoredWeights(described, _estimate(meta_model, scheme, stored_dtype), False, memory, dtype)
+
+
+def _fp8_bytes(w_EAB: torch.Tensor) -> int:
+    """Bytes of fused experts kept 8-bit: a byte a value and a float32 scale per block of each expert."""
+    rows, cols = scale_grid(w_EAB.shape[-2], w_EAB.shape[-1])
+    return w_EAB.numel() + 4 * w_EAB.shape[0] * rows * cols
 
 
 def _estimate(model: nn.Module, scheme: QuantizationScheme | None, plain: torch.dtype) -> int:
