@@ -8,8 +8,11 @@
 # (c) runs benchmarks/gpu.py (ESFT vs full fine-tuning tokens/s and peak memory, same model and batch, each next to
 #     the memory plan: esft_lightning.planning total vs torch.cuda.max_memory_allocated);
 # (d) writes the same model as DeepSeek-V3 ships it (block FP8, 128x128 blocks, weight_scale_inv) and runs the
-#     single-device fit from that directory (dequantized while loading; frozen experts are held in bf16: keeping
-#     them 8-bit in memory is not built yet, so there is no 8-bit vs bf16 row);
+#     single-device fit from that directory twice: frozen experts dequantized to bf16 (fp8) and kept 8-bit
+#     (fp8-8bit: frozen_experts_dtype float8), the two rows to compare for tokens/s and peak GPU memory;
+# (e) runs the single-device fit with AdamW's state in host memory (host-adamw: esft_lightning.optimizers.
+#     HostOffloadAdamW), whose losses should equal `single`'s and whose peak GPU memory should be lower by about
+#     the AdamW column of `single`;
 # and prints one summary table. GPU_CHECK_TINY=1 shrinks everything and runs on the CPU (a smoke test of the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +41,7 @@ EOF
 fit() {  # $1: name, rest: extra arguments. The quickstart config with every output under $WORK/$name.
   local name=$1; shift
   python - "$WORK/$name" <<'PYEOF'
-import sys, yaml
+import os, sys, yaml
 from pathlib import Path
 root = Path(sys.argv[1]); root.mkdir(parents=True)
 cfg = yaml.safe_load(Path("configs/quickstart.yaml").read_text())
@@ -51,6 +54,12 @@ for cb in cfg["trainer"].get("callbacks", []):
 cfg["model"] = {}
 for source in cfg["data"]["task"] + cfg["data"]["general"]:
     source["path"] = str(Path(source["path"]).resolve())
+for cb in cfg["trainer"]["callbacks"]:  # FROZEN=float8: frozen experts kept 8-bit
+    if cb["class_path"].endswith("ExpertSelectionCallback") and os.environ.get("FROZEN"):
+        cb.setdefault("init_args", {})["frozen_experts_dtype"] = os.environ["FROZEN"]
+if os.environ.get("OPTIMIZER"):  # OPTIMIZER=<class path> with ESFTModule's default AdamW's arguments (the other runs')
+    args = {"lr": 1e-5, "betas": [0.9, 0.95], "weight_decay": 0.1}
+    cfg["model"]["optimizer"] = {"class_path": os.environ["OPTIMIZER"], "init_args": args}
 (root / "config.yaml").write_text(yaml.safe_dump(cfg))
 PYEOF
   local start=$SECONDS
@@ -66,15 +75,17 @@ BLOCK=$([ "$TINY" = 1 ] && echo 32 || echo 128)
 python -c "import sys; from esft_lightning.weights.quantized_export import write_fp8_checkpoint as w; \
 print(w(sys.argv[1], sys.argv[2], ($BLOCK, $BLOCK)), 'tensors written in block FP8')" "$WORK/model" "$WORK/model-fp8"
 MODEL_DIR="$WORK/model-fp8" fit fp8 --trainer.devices 1
+MODEL_DIR="$WORK/model-fp8" FROZEN=float8 fit fp8-8bit --trainer.devices 1
+OPTIMIZER=esft_lightning.optimizers.HostOffloadAdamW fit host-adamw --trainer.devices 1
 
 python - "$WORK" <<'EOF'
 import csv, math, re, sys
 from pathlib import Path
 work = Path(sys.argv[1])
 times = dict(line.split() for line in (work / "times").read_text().splitlines())
-print("\n| run | seconds | trainable dtype | first / last train loss | val loss | tokens/s (last) | memory (params, grads, AdamW) |")
+print("\n| run | seconds | trainable dtype | first / last train loss | val loss | tokens/s (last) | memory (params, grads, AdamW on the device, peak GPU) |")
 print("| --- | --- | --- | --- | --- | --- | --- |")
-for name in ("fsdp", "single", "fp8"):
+for name in ("fsdp", "single", "fp8", "fp8-8bit", "host-adamw"):
     log = (work / f"{name}.log").read_text()
     metrics = sorted((work / name).rglob("metrics.csv"))[-1]
     rows = list(csv.DictReader(metrics.open()))

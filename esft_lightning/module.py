@@ -254,6 +254,8 @@ class ESFTModule(L.LightningModule):
         if self.global_step == 1 and not self._memory_reported:
             # After the first optimizer step (gradients not yet cleared): what this rank holds for training.
             memory = training_memory_bytes(self.model, self.optimizers(use_pl_optimizer=False))
+            if self.device.type == "cuda":  # the whole first step's peak, activations included
+                memory["device_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
             for logger in self.loggers:  # a one-off reading: straight to the loggers, not every n steps
                 logger.log_metrics({f"memory/{k}": float(v) for k, v in memory.items()}, step=self.global_step)
             line = f"ESFT memory rank {self.global_rank}: " + ", ".join(f"{k} {v}" for k, v in memory.items())

@@ -309,8 +309,8 @@ def test_deepseek_v3_fits_one_h200_node_with_adamw_state_on_the_host(tmp_path, c
     less the two chunks a step brings to the GPU."""
     spread = tmp_path / "spread.json"
     ExpertConfig({layer: [e * 32 for e in range(8)] for layer in range(3, 61)}).save(spread)
-    args = ("--config", str(REPO / "configs/deepseek_v3_8xh200.yaml"), "--expert_config", str(spread),
-            "--model.model", str(REPO / "configs/models/DeepSeek-V3"), "--plan.device_memory", "H200-141GB")  # fmt: skip
+    args = ("--config", str(REPO / "configs/deepseek_v3_8xh200.yaml"), "--expert_config", str(spread))
+    args += ("--model.model", str(REPO / "configs/models/DeepSeek-V3"), "--plan.device_memory", "H200-141GB")
     main(["plan", *args, "--json"])
     host = json.loads(capsys.readouterr().out)
     main(["plan", *args, "--model.optimizer", "torch.optim.AdamW", "--json"])
