@@ -51,6 +51,32 @@ def test_quantize_and_dequantize_experts_blocks_never_span_two_experts():
     torch.testing.assert_close(dequantize_experts(*quantize_experts(back), torch.float32), back, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_whole_block_experts_dequantize_into_reused_buffers_bitwise(dtype, monkeypatch):
+    """Experts of whole 128 x 128 blocks (every DeepSeek shape) dequantize on the CPU into buffers reused across
+    chunks and calls: forward and input gradient bitwise the dequantized weights' grouped matmul, twice over."""
+    import esft_lightning.experts.fp8 as fp8
+
+    monkeypatch.setattr(fp8, "_CHUNK_ELEMENTS", 2 * 256 * 128)  # two experts a chunk: three chunks, one partial
+    monkeypatch.setattr(fp8, "_HOST_BUFFERS", {})
+    generator = torch.Generator().manual_seed(0)
+    w8, scale = quantize_experts(torch.randn(5, 256, 128, generator=generator))  # [E, out, in]
+    weights = dequantize_experts(w8, scale, dtype)
+    counts = [3, 0, 4, 2, 5]  # an expert without tokens is skipped
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    for _ in range(2):  # the second call reuses the first one's buffers
+        x = torch.randn(sum(counts), 128, generator=generator, dtype=dtype, requires_grad=True)
+        y = fp8.frozen_fp8_linear(x, w8, scale, offsets, transposed=False, grouped=False)
+        grad_y = torch.randn_like(y)
+        y.backward(grad_y)
+        ends = offsets.tolist()  # each expert's rows times its dequantized weight: the eager loop's matmuls
+        spans = [(e, (ends[e - 1] if e else 0), ends[e]) for e in range(5)]
+        expected = torch.cat([x[r0:r1] @ weights[e].T for e, r0, r1 in spans])
+        expected_grad = torch.cat([grad_y[r0:r1] @ weights[e] for e, r0, r1 in spans])
+        assert torch.equal(y, expected) and torch.equal(x.grad, expected_grad)
+    assert set(fp8._HOST_BUFFERS) == ({torch.float32} | {dtype})  # the path ran, and kept its buffers
+
+
 @pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_frozen_fp8_experts_compute_the_dequantized_model_and_stay_frozen(family, impl):
