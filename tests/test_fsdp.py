@@ -154,19 +154,29 @@ def resume_equals_uninterrupted(
     return ckpt
 
 
+HOST_ADAMW = ("--model.optimizer", "esft_lightning.optimizers.HostOffloadAdamW")
+HOST_ADAMW += ("--model.optimizer.chunk_bytes", "4096")  # several chunks a step
+
+
 @pytest.mark.parametrize(
     "settings",
     [
-        (),  # small checkpoints (trainable tensors only), fp32 model
-        # whole-model checkpoints of a bf16 model with fp32 trained copies: the default GPU recipe
+        # small checkpoints (trainable tensors only) of an fp32 model, AdamW's state in host memory: DTensor state
+        # with host shards, gathered into the file by torch.distributed.checkpoint and broadcast back on resume
+        HOST_ADAMW,
+        # whole-model checkpoints of a bf16 model with fp32 trained copies, torch's AdamW: the default GPU recipe
         ("--model.save_trainable_only", "false", "--model.dtype", "bfloat16"),
     ],
-    ids=["small-fp32", "full-bf16"],
+    ids=["small-fp32-host-adamw", "full-bf16"],
 )
 def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path, settings):
     ckpt = resume_equals_uninterrupted(tmp_path, *settings)
-    if settings:
-        assert torch.load(ckpt, weights_only=True)["esft"]["trainable_dtype"] == "torch.float32"
+    saved = torch.load(ckpt, weights_only=True)
+    if settings == HOST_ADAMW:  # AdamW's format: both estimates of every trained tensor, shaped like it
+        state = saved["optimizer_states"][0]["state"]
+        assert state and all(s["exp_avg"].shape == s["exp_avg_sq"].shape for s in state.values())
+    else:
+        assert saved["esft"]["trainable_dtype"] == "torch.float32"
 
 
 def test_ddp_two_processes_train_with_unused_experts_allowed(tmp_path):
