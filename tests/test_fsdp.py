@@ -175,6 +175,7 @@ def test_fsdp_kill_and_resume_equals_uninterrupted(tmp_path, settings):
     if settings == HOST_ADAMW:  # AdamW's format: both estimates of every trained tensor, shaped like it
         state = saved["optimizer_states"][0]["state"]
         assert state and all(s["exp_avg"].shape == s["exp_avg_sq"].shape for s in state.values())
+        assert any(bool(s["exp_avg_sq"].gt(0).any()) for s in state.values())  # updated in place on the host
     else:
         assert saved["esft"]["trainable_dtype"] == "torch.float32"
 

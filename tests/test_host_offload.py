@@ -136,3 +136,4 @@ def test_expert_parallel_checkpoint_and_resume_exactly_with_the_state_on_the_hos
     ckpt = resume_equals_uninterrupted(tmp_path, *HOST_ADAMW, strategy_config="configs/ep.yaml")
     state = torch.load(ckpt, weights_only=True)["optimizer_states"][0]["state"]
     assert state and all(s["exp_avg"].shape == s["exp_avg_sq"].shape for s in state.values())
+    assert any(bool(s["exp_avg_sq"].gt(0).any()) for s in state.values())  # updated in place on the host
