@@ -21,7 +21,8 @@ def twin_optimizers(chunk_bytes: int) -> tuple[list, list, torch.optim.Optimizer
     """torch's AdamW and HostOffloadAdamW over equal parameters, two groups with their own lr / weight decay."""
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
-    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    a.append(torch.nn.Parameter(torch.randn(13, 7).t()))  # not contiguous: stepped whole, its strides kept
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]  # (clone keeps the strides)
 
     def groups(params: list) -> list[dict]:
         return [{"params": params[:2]}, {"params": params[2:], "lr": 3e-3, "weight_decay": 0.0}]
@@ -70,7 +71,8 @@ def test_each_device_step_holds_at_most_chunk_bytes_of_each_estimate(monkeypatch
     a, b, reference, offloaded = twin_optimizers(chunk_bytes=200)  # 50 float32 values
     step_both(a, b, reference, offloaded, steps=1)
     assert_same(a, b, reference, offloaded)
-    assert all(sum(call) * 4 <= 200 for call in calls)
+    assert not b[-1].is_contiguous()
+    assert all(sum(call) * 4 <= 200 or call == [b[-1].numel()] for call in calls)  # (the transposed one: whole)
     assert sum(map(sum, calls)) == sum(p.numel() for p in b)  # every value stepped once
     assert len(calls) >= sum(p.numel() for p in b) // 50
 

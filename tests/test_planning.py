@@ -321,6 +321,8 @@ def test_deepseek_v3_fits_one_h200_node_with_adamw_state_on_the_host(tmp_path, c
     assert on_host["host_optimizer_bytes"] == on_device["optimizer_bytes"] == 2 * on_device["trainable_bytes"]
     assert on_host["optimizer_bytes"] == 2 * 256 * 2**20 and on_device["host_optimizer_bytes"] == 0
     assert on_device["total_bytes"] - on_host["total_bytes"] == on_device["optimizer_bytes"] - 2**29
+    main(["plan", *args, "--model.optimizer.chunk_bytes", str(2**30), "--json"])  # the config's chunk counts
+    assert json.loads(capsys.readouterr().out)["per_rank"]["optimizer_bytes"] == 2 * 2**30
     # the files are block FP8; training holds the routed experts so too (the frozen_experts_dtype of the config)
     assert host["checkpoint"]["format"].startswith("block FP8") and "float8" in host["checkpoint"]["memory_dtype"]
     assert host["checkpoint"]["memory_bytes"] < 1.05 * host["checkpoint"]["file_bytes"]

@@ -10,6 +10,7 @@ from ..callbacks import ExpertSelectionCallback
 from ..constants import TRAINING_HEADROOM
 from ..distributed.strategy import is_fsdp2
 from ..module import ESFTModule
+from ..optimizers import DEFAULT_CHUNK_BYTES
 from ..planning.plan import HOST_OFFLOAD_ADAMW, GiB, PlanRequest, build_meta_model, parse_bytes, plan_memory, usable
 from ..planning.storage import stored_weights
 from ..selection.rules import ExpertConfig
@@ -93,6 +94,7 @@ def plan_inputs(config: Any, trainer: L.Trainer | None = None, module: Any = Non
         profile_batch=profile_batch or int(data.batch_size), device_memory=device_memory, devices_per_node=per_node,
         expert_parallel_size=expert_parallel if strategy == "fsdp2" else 1,
         optimizer_on_host=_class_path(model.get("optimizer")) == HOST_OFFLOAD_ADAMW,
+        optimizer_chunk_bytes=int(_init_args(model.get("optimizer")).get("chunk_bytes") or DEFAULT_CHUNK_BYTES),
     )  # fmt: skip
     return load_args, request
 
@@ -102,6 +104,12 @@ def _class_path(entry: Any) -> str | None:
     if hasattr(entry, "get"):
         return entry.get("class_path")
     return entry if isinstance(entry, str) else None
+
+
+def _init_args(entry: Any) -> Any:
+    """A config entry's ``init_args`` (empty when it has none)."""
+    args = entry.get("init_args") if hasattr(entry, "get") else None
+    return args if args is not None else {}
 
 
 def _device_count(devices: Any, on_cpu: bool) -> int:

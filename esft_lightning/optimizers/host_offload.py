@@ -112,7 +112,10 @@ class _Slice:
         self.param, self.state, self.start, self.stop = param, state, start, stop
 
     def of(self, t: torch.Tensor) -> torch.Tensor:
-        return local_shard(t).view(-1)[self.start : self.stop]
+        local = local_shard(t)
+        if self.start == 0 and self.stop == local.numel():
+            return local  # the whole tensor, whatever its strides
+        return local.view(-1)[self.start : self.stop]
 
     @property
     def nbytes(self) -> int:
@@ -121,13 +124,14 @@ class _Slice:
 
 def _chunks(params: list[torch.Tensor], state: Any, chunk_bytes: int) -> Iterator[list[_Slice]]:
     """``params``' elements in runs of at most ``chunk_bytes`` per estimate (a slice of a parameter at least one
-    element; parameters whose shard is not contiguous are taken whole)."""
+    element; a parameter whose shard or gradient is not contiguous is taken whole)."""
     chunk: list[_Slice] = []
     size = 0
     for p in params:
         local = local_shard(p)
         n = local.numel()
-        per = max(1, chunk_bytes // p.element_size()) if local.is_contiguous() else max(n, 1)
+        sliceable = local.is_contiguous() and local_shard(p.grad).is_contiguous()
+        per = max(1, chunk_bytes // p.element_size()) if sliceable else max(n, 1)
         for start in range(0, n, per):
             piece = _Slice(p, state[p], start, min(n, start + per))
             if chunk and size + piece.nbytes > chunk_bytes:

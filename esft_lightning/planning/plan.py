@@ -79,7 +79,8 @@ class PlanRequest:
     FSDP2 over the world: the ``esft_ep`` / ``fft_ep`` scenarios, and ``per_rank`` is ``esft_ep``."""
     optimizer_on_host: bool = False
     """AdamW's estimates in host memory (``optimizers.HostOffloadAdamW``): on the GPU only two chunks of them
-    during the step."""
+    during the step, each of ``optimizer_chunk_bytes``."""
+    optimizer_chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -196,17 +197,18 @@ def selection_bound(model: nn.Module, spec: SelectionSpec) -> tuple[ExpertConfig
 
 def _rank_memory(
     tensors: list[TensorBytes], strategy: str, world: int, rank: int, activations: tuple[int, int], checkpointing: bool,
-    ep: int = 1, all_to_all: int = 0, optimizer_on_host: bool = False,
+    ep: int = 1, all_to_all: int = 0, optimizer_chunk: int | None = None,
 ) -> RankMemory:  # fmt: skip
     """``strategy`` ``ep``: FSDP2 with routed experts split over ``ep`` ranks; ``all_to_all``: one layer's token
-    all-to-all buffers (send and receive) under it; ``optimizer_on_host``: AdamW's state in host memory."""
+    all-to-all buffers (send and receive) under it; ``optimizer_chunk``: AdamW's state in host memory, brought to
+    the device this many bytes of each estimate at a time."""
     sharded, ep = strategy in ("fsdp2", "ep"), ep if strategy == "ep" else 1
     params = sum(t.local_bytes(world, rank, sharded, ep) for t in tensors)
     trainable = sum(t.local_bytes(world, rank, sharded, ep) for t in tensors if t.trainable)
     optimizer = 2 * trainable  # AdamW: exp_avg and exp_avg_sq, each like the parameter
     host_optimizer = 0
-    if optimizer_on_host:
-        host_optimizer, optimizer = optimizer, min(optimizer, 2 * DEFAULT_CHUNK_BYTES)
+    if optimizer_chunk is not None:
+        host_optimizer, optimizer = optimizer, min(optimizer, 2 * optimizer_chunk)
     if sharded:
         groups: dict[str, list[int]] = {}
         for t in tensors:
@@ -268,7 +270,8 @@ def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
         # rank 0 holds the largest chunks; under EP the largest rank is among the first EP group (edp index 0)
         ranks = range(ep) if strategy == "ep" else range(1)
         buffers = all_to_all * micro * request.seq_length
-        return max((_rank_memory(tensors, strategy, world, rank, acts, checkpointing, ep, buffers, on_host)
+        chunk = request.optimizer_chunk_bytes if on_host else None
+        return max((_rank_memory(tensors, strategy, world, rank, acts, checkpointing, ep, buffers, chunk)
                     for rank in ranks), key=lambda m: m.total_bytes)  # fmt: skip
 
     r = request
@@ -283,7 +286,8 @@ def plan_memory(model: nn.Module, request: PlanRequest) -> Plan:
     per_rank = scenarios[f"esft_{own}"]
     by_rank = [
         {k: v for k, v in asdict(_rank_memory(esft, own, r.world_size, rank, activations, False, ep,
-                                              optimizer_on_host=r.optimizer_on_host)).items()
+                                              optimizer_chunk=r.optimizer_chunk_bytes if r.optimizer_on_host
+                                              else None)).items()
          if k in ("params_bytes", "trainable_bytes", "grads_bytes", "optimizer_bytes")}
         for rank in range(min(r.world_size, 64))
     ]  # fmt: skip
