@@ -39,7 +39,7 @@ class HostOffloadAdamW(torch.optim.AdamW):
 
     Takes AdamW's arguments except ``amsgrad``, ``fused``, ``capturable``, ``differentiable`` and ``foreach`` (each
     chunk lets torch pick its kernel as AdamW's default does). ``chunk_bytes``: bytes of each estimate brought to
-    the device at once; a parameter larger than that is stepped in slices of its rows' elements.
+    the device at once; a parameter larger than that is stepped in slices of its flattened (local) elements.
     """
 
     def __init__(
