@@ -78,8 +78,7 @@ def plan_inputs(config: Any, trainer: L.Trainer | None = None, module: Any = Non
         per_node = _device_count(tr.devices, on_cpu)
         world = per_node * int(tr.num_nodes or 1)
         strategy = _strategy_name(tr.strategy, world)
-        init_args = tr.strategy.get("init_args") if hasattr(tr.strategy, "get") else None
-        expert_parallel = int((init_args.get("expert_parallel_size") if init_args else None) or 1)
+        expert_parallel = int(_init_args(tr.strategy).get("expert_parallel_size") or 1)
     precision = str(tr.precision or "")
     compute = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else None
     if strategy == "fsdp2" and model.get("fsdp_bf16"):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..weights.fp8_blocks import FP8, FP8_EXPERT_BLOCK, SCALE_SUFFIX, dequantize_experts
+from ..weights.fp8_blocks import FP8, SCALE_SUFFIX, dequantize_experts
 
 __all__ = ["frozen_fp8_linear", "is_fp8_frozen"]
 
@@ -30,28 +30,12 @@ bf16). A fresh tensor of a chunk's size per chunk costs more in page faults than
 
 
 def _host_buffer(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A ``shape`` view of the reused ``dtype`` buffer (``dequantize_experts``' scratch on the CPU)."""
     numel = math.prod(shape)
     buffer = _HOST_BUFFERS.get(dtype)
     if buffer is None or buffer.numel() < numel:
         buffer = _HOST_BUFFERS[dtype] = torch.empty(max(numel, _CHUNK_ELEMENTS), dtype=dtype)
     return buffer[:numel].view(shape)
-
-
-def _dequantize(w8_EAB: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``dequantize_experts``, the same arithmetic; on the CPU into reused buffers (valid until the next call)."""
-    experts, a, b = w8_EAB.shape
-    rows, cols = FP8_EXPERT_BLOCK
-    if w8_EAB.device.type != "cpu" or a % rows or b % cols:
-        return dequantize_experts(w8_EAB, scale, dtype)
-    blocks = (experts, a // rows, rows, b // cols, cols)
-    values = _host_buffer(torch.float32, blocks)
-    values.copy_(w8_EAB.view(blocks))
-    values.mul_(scale[:, :, None, :, None])
-    if dtype == torch.float32:
-        return values.view(experts, a, b)
-    out = _host_buffer(dtype, blocks)
-    out.copy_(values)
-    return out.view(experts, a, b)
 
 
 def _chunks(offsets: torch.Tensor, per_expert: int) -> list[tuple[int, int, int, int]]:
@@ -95,8 +79,9 @@ def _apply(
     # Stored [E, A, B]: transposed layouts hold [E, in, out] (x @ W), the others [E, out, in] (x @ W^T).
     need_transpose = transposed == backward
     out = x_TI.new_empty(x_TI.shape[0], a if need_transpose else b)
+    scratch = _host_buffer if x_TI.device.type == "cpu" else None
     for e0, e1, r0, r1 in _chunks(offsets, a * b):
-        w = _dequantize(w8_EAB[e0:e1], scale[e0:e1], x_TI.dtype)
+        w = dequantize_experts(w8_EAB[e0:e1], scale[e0:e1], x_TI.dtype, scratch=scratch)
         w_EIO = w.transpose(-2, -1) if need_transpose else w
         local = (offsets[e0:e1] - r0).to(torch.int32)
         out[r0:r1] = _matmul_chunk(x_TI[r0:r1], w_EIO, local, grouped)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from ..models import decoder_layers, find_moe_layers
-from ..weights.fp8_blocks import scale_grid
+from ..weights.fp8_blocks import FP8_EXPERT_BLOCK, scale_grid
 from ..weights.quantized import QuantizationScheme, read_quantization
 from ..weights.weight_files import SafetensorsFile, has_safetensors
 
@@ -50,9 +49,9 @@ def stored_weights(
     config's quantization) next to ``meta_model``'s parameter bytes (its routed experts in block FP8 with
     ``frozen_experts_dtype`` ``float8``)."""
     params = list(meta_model.parameters())
-    in_fp8 = {id(p) for layer in find_moe_layers(meta_model) for p in layer.experts.parameters() if p.dim() == 3}
-    if frozen_experts_dtype != "float8":
-        in_fp8 = set()
+    in_fp8 = set()
+    if frozen_experts_dtype == "float8":
+        in_fp8 = {id(p) for layer in find_moe_layers(meta_model) for p in layer.experts.parameters() if p.dim() == 3}
     memory = sum(_fp8_bytes(p) if id(p) in in_fp8 else p.numel() * p.element_size() for p in params)
     dtype = str(params[0].dtype).removeprefix("torch.") if params else "-"
     if in_fp8:
@@ -68,10 +67,12 @@ def stored_weights(
     return StoredWeights(described, _estimate(meta_model, scheme, stored_dtype), False, memory, dtype)
 
 
-def _fp8_bytes(w_EAB: torch.Tensor) -> int:
-    """Bytes of fused experts kept 8-bit: a byte a value and a float32 scale per block of each expert."""
-    rows, cols = scale_grid(w_EAB.shape[-2], w_EAB.shape[-1])
-    return w_EAB.numel() + 4 * w_EAB.shape[0] * rows * cols
+def _fp8_bytes(w: torch.Tensor, block: tuple[int, int] = FP8_EXPERT_BLOCK) -> int:
+    """Bytes of a matrix, or fused experts' matrices, in block FP8: a byte a value and a float32 scale per block
+    of each matrix (blocks never span two experts)."""
+    rows, cols = w.shape[-2], w.shape[-1]
+    grid_rows, grid_cols = scale_grid(rows, cols, block)
+    return w.numel() + 4 * (w.numel() // (rows * cols)) * grid_rows * grid_cols
 
 
 def _estimate(model: nn.Module, scheme: QuantizationScheme | None, plain: torch.dtype) -> int:
@@ -86,11 +87,8 @@ def _estimate(model: nn.Module, scheme: QuantizationScheme | None, plain: torch.
     total = 0
     for p in model.parameters():
         matrix = p.dim() >= 2 and id(p) in in_layers and id(p) not in routers
-        if scheme is not None and scheme.method == "fp8" and matrix:
-            rows, cols = p.shape[-2], p.shape[-1]
-            count = p.numel() // (rows * cols)  # one tensor per expert for fused experts
-            blocks = math.ceil(rows / scheme.block_size[0]) * math.ceil(cols / scheme.block_size[1])
-            total += p.numel() + 4 * blocks * count
+        if scheme is not None and scheme.method == "fp8" and matrix:  # (one tensor per expert for fused experts)
+            total += _fp8_bytes(p, scheme.block_size)
         elif scheme is not None and scheme.method == "mxfp4" and id(p) in experts and p.dim() == 3:
             total += p.numel() // 2 + p.numel() // 32
         else:

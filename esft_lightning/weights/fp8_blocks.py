@@ -7,10 +7,14 @@ experts); a checkpoint's single matrix is the E = 1 case. The last block of a di
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["FP8", "FP8_EXPERT_BLOCK", "FP8_MAX", "SCALE_SUFFIX", "dequantize_experts", "quantize_experts", "scale_grid"]
+__all__ = [
+    "FP8", "FP8_EXPERT_BLOCK", "FP8_MAX", "SCALE_SUFFIX", "Scratch", "dequantize_experts", "quantize_experts",
+    "scale_grid",
+]  # fmt: skip
 
 FP8 = torch.float8_e4m3fn
 """The 8-bit storage dtype (e4m3, largest finite value 448)."""
@@ -42,13 +46,32 @@ def quantize_experts(
     return quantized[:, :a, :b].contiguous(), scale
 
 
+Scratch = Callable[[torch.dtype, tuple[int, ...]], torch.Tensor]
+"""Hands out a tensor of a dtype and shape whose memory may be reused (valid until its next call)."""
+
+
 def dequantize_experts(
-    w8_EAB: torch.Tensor, scale_EGH: torch.Tensor, dtype: torch.dtype, block: tuple[int, int] = FP8_EXPERT_BLOCK
+    w8_EAB: torch.Tensor,
+    scale_EGH: torch.Tensor,
+    dtype: torch.dtype,
+    block: tuple[int, int] = FP8_EXPERT_BLOCK,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
-    """FP8 experts and their block scales -> ``dtype`` [E, A, B] (the product computed in float32, then cast)."""
+    """FP8 experts and their block scales -> ``dtype`` [E, A, B] (the product computed in float32, then cast).
+
+    ``scratch``: whole-block experts are written into its tensors instead of new ones (the result is then valid
+    only until its next call)."""
     experts, a, b = w8_EAB.shape
     if a % block[0] == 0 and b % block[1] == 0:  # whole blocks (every DeepSeek shape): the scales broadcast
-        blocks = w8_EAB.view(experts, a // block[0], block[0], b // block[1], block[1]).to(torch.float32)
-        return (blocks * scale_EGH[:, :, None, :, None]).to(dtype).view(experts, a, b)
+        blocks = _copy(w8_EAB.view(experts, a // block[0], block[0], b // block[1], block[1]), torch.float32, scratch)
+        blocks.mul_(scale_EGH[:, :, None, :, None])  # (in place on the copy)
+        return (blocks if dtype == torch.float32 else _copy(blocks, dtype, scratch)).view(experts, a, b)
     full = scale_EGH.repeat_interleave(block[0], 1)[:, :a].repeat_interleave(block[1], 2)[:, :, :b]
     return (w8_EAB.to(torch.float32) * full).to(dtype)
+
+
+def _copy(t: torch.Tensor, dtype: torch.dtype, scratch: Scratch | None) -> torch.Tensor:
+    """``t`` copied into ``dtype``: a new tensor, or ``scratch``'s."""
+    if scratch is None:
+        return t.to(dtype, copy=True)
+    return scratch(dtype, tuple(t.shape)).copy_(t)
